@@ -1,0 +1,42 @@
+# bb-worker: `make run` (set-up + server on :8080) and `make test` (set-up + all tests).
+PYTHON ?= python3
+VENV ?= .venv
+PY := $(VENV)/bin/python
+SHARED_CRS ?= ../shared/crs
+
+# `make run` on a machine without internet: use a writable copy of the shared CRS
+# (circuits up to 2^15 rows) unless BB_CRS_PATH is given. Elsewhere bb uses ~/.bb-crs.
+ifeq ($(origin BB_CRS_PATH),undefined)
+ifneq ($(wildcard $(SHARED_CRS)/bn254_g1.dat),)
+RUN_CRS := $(CURDIR)/.crs
+endif
+endif
+
+.PHONY: setup run test bench bench-quick fixtures clean
+
+$(VENV)/.installed: requirements.txt requirements-dev.txt
+	$(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install --quiet --disable-pip-version-check -r requirements.txt -r requirements-dev.txt
+	touch $@
+
+setup: $(VENV)/.installed
+	$(PY) scripts/install_bb.py
+
+run: setup
+ifdef RUN_CRS
+	mkdir -p $(RUN_CRS) && [ -f $(RUN_CRS)/bn254_g1.dat ] || { cp $(SHARED_CRS)/bn254_g1.dat $(SHARED_CRS)/bn254_g2.dat $(RUN_CRS)/ && chmod u+w $(RUN_CRS)/*; }
+	BB_CRS_PATH=$(RUN_CRS) $(VENV)/bin/gunicorn -c gunicorn.conf.py
+else
+	$(VENV)/bin/gunicorn -c gunicorn.conf.py
+endif
+
+test: setup
+	$(PY) -m pytest $(PYTEST_ARGS)
+
+# Regenerate circuit.json and tests/fixtures/ with the pinned Noir toolchain (needs Node.js + npm).
+fixtures:
+	cd tools/noir && npm ci --no-audit --no-fund --silent
+	node tools/noir/fixtures.mjs
+
+clean:
+	rm -rf $(VENV) .bb .crs .pytest_cache tools/noir/node_modules

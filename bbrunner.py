@@ -1,0 +1,423 @@
+"""Run the Barretenberg CLI (`bb`) to prove witnesses for one Noir circuit.
+
+Knows nothing of HTTP. Formats are those of bb 5.0.0 (npm @aztec/bb.js 5.0.0)
+and Noir 1.0.0-beta.26: the circuit is nargo's/noir_wasm's program JSON (ACIR
+bytecode), a witness is the gzipped msgpack witness stack that `nargo execute`
+or noir_js `execute()` write, and bb writes UltraHonk proofs as raw bytes.
+
+bb runs as a child process with a fixed argument list, in its own process
+group, through gevent's subprocess module so a gevent worker keeps serving
+while it runs. Failures are raised as ProverError subclasses.
+"""
+import errno
+import fcntl
+import hashlib
+import os
+import re
+import shutil
+import signal
+import struct
+import time
+from collections import namedtuple
+from contextlib import contextmanager
+
+import gevent
+from gevent import subprocess
+from gevent.lock import Semaphore
+
+# bb prints this (and exits 0) when a witness does not satisfy the circuit's
+# constraints; the proof it still writes would not verify.
+UNSATISFIED_MARKER = "Builder failure when we have real witnesses"
+FIELD_BYTES = 32  # BN254 scalar field element, big-endian, in bb's public_inputs file
+KILL_WAIT_SECONDS = 5.0
+VERSION_TIMEOUT_SECONDS = 30.0
+
+
+# ---------------------------------------------------------------- errors
+
+class ProverError(Exception):
+    """Base of everything this module raises about proving."""
+
+
+class ProverUnavailable(ProverError):
+    """bb is missing, not executable or cannot start."""
+
+
+class ProverFailed(ProverError):
+    """bb rejected the witness: unsatisfied constraints, wrong circuit, bad encoding.
+
+    `returncode` is bb's exit status; `reason` is one readable line from its output.
+    """
+
+    def __init__(self, returncode, reason):
+        super().__init__(reason)
+        self.returncode = returncode
+        self.reason = reason
+
+
+class ProverCrashed(ProverError):
+    """bb died from a signal or exited without writing its output files."""
+
+    def __init__(self, returncode, reason):
+        super().__init__(reason)
+        self.returncode = returncode
+        self.reason = reason
+
+
+class ProverTimeout(ProverError):
+    """bb did not finish within the deadline; its process group was killed."""
+
+
+Proof = namedtuple("Proof", "proof public_inputs")
+Proof.__doc__ = """A proof from `bb prove`.
+
+proof: bytes, the content of bb's `proof` file (UltraHonk, binary).
+public_inputs: list of str, one "0x" + 64 hex digits per 32-byte big-endian field
+element of bb's `public_inputs` file, in circuit order.
+"""
+
+
+# ---------------------------------------------------------------- processes
+
+def run(argv, timeout):
+    """Run `argv` (a list of str, never through a shell); return (returncode, stdout, stderr).
+
+    The child gets no stdin and its own session/process group. On timeout
+    (seconds) or any exception (a gevent Timeout or kill included) the whole
+    group gets SIGKILL and is reaped before the exception propagates.
+    Raises ProverUnavailable if the program cannot start, ProverTimeout on expiry.
+    """
+    try:
+        proc = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
+                                stderr=subprocess.PIPE, start_new_session=True, close_fds=True)
+    except OSError as exc:
+        raise ProverUnavailable(f"cannot run {os.path.basename(argv[0])}: {exc.strerror}") from None
+    try:
+        out, err = proc.communicate(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        kill_group(proc)
+        raise ProverTimeout(f"bb did not finish within {timeout:g} s") from None
+    except BaseException:
+        kill_group(proc)
+        raise
+    return proc.returncode, out, err
+
+
+def kill_group(proc):
+    """SIGKILL the process group led by `proc` and reap `proc` (bounded wait)."""
+    try:
+        os.killpg(proc.pid, signal.SIGKILL)
+    except (ProcessLookupError, PermissionError):
+        pass
+    try:
+        proc.wait(timeout=KILL_WAIT_SECONDS)
+    except subprocess.TimeoutExpired:
+        pass
+
+
+# ---------------------------------------------------------------- bb output
+
+_MEM_SUFFIX = re.compile(r"\s*\(mem: [^)]*\)\s*$")
+_NOISE = ("Scheme is:", "CircuitProve:", "Public inputs saved", "Proof saved", "VK saved",
+          "VK Hash saved", "(Experimental)", "Run with --help")
+
+
+def failure_reason(stderr, hide=()):
+    """Pick one readable line (str) out of bb's stderr (bytes) to explain a failure.
+
+    Prefers bb's "Reason : ..." line, then "Assertion failed: ...", then the last
+    line that is not progress noise. The strings in `hide` (temp paths) are replaced
+    by their base names; the result is at most 300 characters.
+    """
+    lines = []
+    for raw in stderr.decode("utf-8", "replace").splitlines():
+        line = _MEM_SUFFIX.sub("", raw).strip()
+        if line and not line.startswith(_NOISE):
+            lines.append(line)
+    reason = None
+    for line in lines:
+        if line.startswith("Reason"):
+            reason = line.split(":", 1)[-1].strip()
+            break
+    if reason is None:
+        asserts = [line for line in lines if line.startswith("Assertion failed")]
+        reason = asserts[0] if asserts else (lines[-1] if lines else "no output")
+    for path in sorted(hide, key=len, reverse=True):
+        if path:
+            reason = reason.replace(path, os.path.basename(path))
+    return reason[:300]
+
+
+def parse_public_inputs(data):
+    """Split bb's `public_inputs` file (bytes, 32 bytes per field element) into 0x-hex strings.
+
+    Raises ValueError if the length is not a multiple of 32.
+    """
+    if len(data) % FIELD_BYTES:
+        raise ValueError(f"public_inputs is {len(data)} bytes, not a multiple of {FIELD_BYTES}")
+    return ["0x" + data[i:i + FIELD_BYTES].hex() for i in range(0, len(data), FIELD_BYTES)]
+
+
+# ---------------------------------------------------------------- ELF
+
+_ELF_MACHINES = {3: "Intel 80386", 40: "ARM", 62: "x86-64", 183: "ARM aarch64", 243: "UCB RISC-V"}
+_ELF_OSABI = {0: "SYSV", 3: "GNU/Linux"}
+_PT_INTERP = 3
+
+
+def describe_elf(path):
+    """Describe an executable the way `file` does, from its ELF header, in pure Python.
+
+    Returns e.g. "/app/bb: ELF 64-bit LSB executable, x86-64, version 1 (SYSV),
+    dynamically linked, interpreter /lib64/ld-linux-x86-64.so.2", or
+    "<path>: not an ELF file". Raises OSError if the file cannot be read.
+    """
+    with open(path, "rb") as f:
+        ident = f.read(64)
+        if len(ident) < 52 or ident[:4] != b"\x7fELF" or ident[4] not in (1, 2) or ident[5] not in (1, 2):
+            return f"{path}: not an ELF file"
+        bits = 64 if ident[4] == 2 else 32
+        endian = "<" if ident[5] == 1 else ">"
+        e_type, e_machine, e_version = struct.unpack(endian + "HHI", ident[16:24])
+        if bits == 64:
+            e_phoff, = struct.unpack(endian + "Q", ident[32:40])
+            e_phentsize, e_phnum = struct.unpack(endian + "HH", ident[54:58])
+        else:
+            e_phoff, = struct.unpack(endian + "I", ident[28:32])
+            e_phentsize, e_phnum = struct.unpack(endian + "HH", ident[42:46])
+        interpreter = None
+        for i in range(min(e_phnum, 64)):
+            f.seek(e_phoff + i * e_phentsize)
+            header = f.read(e_phentsize)
+            if len(header) < (56 if bits == 64 else 32):
+                break
+            if struct.unpack(endian + "I", header[:4])[0] != _PT_INTERP:
+                continue
+            if bits == 64:
+                offset, = struct.unpack(endian + "Q", header[8:16])
+                size, = struct.unpack(endian + "Q", header[32:40])
+            else:
+                offset, = struct.unpack(endian + "I", header[4:8])
+                size, = struct.unpack(endian + "I", header[16:20])
+            f.seek(offset)
+            interpreter = f.read(min(size, 256)).rstrip(b"\0").decode("ascii", "replace")
+    kind = {1: "relocatable", 2: "executable", 3: "pie executable" if interpreter else "shared object",
+            4: "core file"}.get(e_type, f"type {e_type}")
+    parts = [f"ELF {bits}-bit {'LSB' if endian == '<' else 'MSB'} {kind}",
+             _ELF_MACHINES.get(e_machine, f"machine {e_machine}"),
+             f"version {e_version} ({_ELF_OSABI.get(ident[7], f'OS/ABI {ident[7]}')})"]
+    if interpreter:
+        parts += ["dynamically linked", f"interpreter {interpreter}"]
+    elif e_type == 2:
+        parts.append("statically linked")
+    return f"{path}: " + ", ".join(parts)
+
+
+# ---------------------------------------------------------------- the prover
+
+class Prover:
+    """bb and the one circuit it proves.
+
+    binary: path of bb. circuit: path of the circuit JSON. vk_cache_dir: where
+    verification keys are cached, one subdirectory per (circuit bytes, bb version,
+    verifier target). crs_dir: passed to bb as `-c` when not None (else bb uses
+    ~/.bb-crs and downloads missing points). timeout: seconds allowed per bb run.
+    verifier_target: bb's `-t` value, or None for bb's default.
+    """
+
+    def __init__(self, binary, circuit, vk_cache_dir, crs_dir=None, timeout=90.0,
+                 verifier_target=None):
+        self.binary = binary
+        self.circuit = circuit
+        self.vk_cache_dir = vk_cache_dir
+        self.crs_dir = crs_dir
+        self.timeout = timeout
+        self.verifier_target = verifier_target
+        with open(circuit, "rb") as f:
+            self.circuit_sha256 = hashlib.sha256(f.read()).hexdigest()
+        self._seen = None  # (stat signature, version, ELF description) of bb
+        self._vk_lock = Semaphore()
+
+    # -- bb itself
+
+    def _signature(self):
+        st = os.stat(self.binary)
+        return (st.st_ino, st.st_size, st.st_mtime_ns)
+
+    def status(self):
+        """Return (available: bool, version: str or None, detail: str) about bb, cheaply.
+
+        detail is the ELF description (describe_elf) when available, else why not.
+
+        Runs `bb --version` and reads the ELF header only the first time and again
+        when the file changes (inode, size, mtime); otherwise one stat() and one
+        access() call.
+        """
+        try:
+            signature = self._signature()
+        except OSError as exc:
+            self._seen = None
+            return False, None, f"{self.binary}: {exc.strerror}"
+        if not os.access(self.binary, os.X_OK):
+            return False, None, f"{self.binary}: not executable"
+        if self._seen is None or self._seen[0] != signature:
+            try:
+                elf = describe_elf(self.binary)
+            except OSError as exc:
+                elf = f"{self.binary}: {exc.strerror}"
+            self._seen = (signature, self._read_version(), elf)
+        _, version, elf = self._seen
+        if version is None:
+            return False, None, f"{self.binary}: does not run (bb --version failed)"
+        return True, version, elf
+
+    def binary_arch(self):
+        """Return `file`-style text about bb's ELF header (str), from the cache status() keeps."""
+        return self.status()[2]
+
+    def version(self):
+        """Return bb's version string (e.g. "5.0.0-nightly.20260710"); raises ProverUnavailable."""
+        available, version, detail = self.status()
+        if not available:
+            raise ProverUnavailable(detail)
+        return version
+
+    def _read_version(self):
+        try:
+            code, out, _ = run([self.binary, "--version"], VERSION_TIMEOUT_SECONDS)
+        except ProverError:
+            return None
+        text = out.decode("utf-8", "replace").strip()
+        return text if code == 0 and text else None
+
+    def _base_args(self):
+        args = []
+        if self.verifier_target:
+            args += ["-t", self.verifier_target]
+        if self.crs_dir:
+            args += ["-c", self.crs_dir]
+        return args
+
+    # -- verification key
+
+    def vk_dir(self):
+        """Directory (str) holding `vk` and `vk_hash` for this circuit, bb version and target."""
+        key = hashlib.sha256("\0".join(
+            [self.circuit_sha256, self.version(), self.verifier_target or "default"]).encode()).hexdigest()
+        return os.path.join(self.vk_cache_dir, key[:32])
+
+    def ensure_vk(self):
+        """Return the path of the circuit's VK, computing it with `bb write_vk` if not cached.
+
+        Single-flight: greenlets of one process share one run, processes serialise
+        on a lock file in the cache dir. Raises ProverError subclasses as prove() does.
+        """
+        target = self.vk_dir()
+        vk = os.path.join(target, "vk")
+        if os.path.exists(vk):
+            return vk
+        with self._vk_lock:
+            os.makedirs(self.vk_cache_dir, exist_ok=True)
+            with open(os.path.join(self.vk_cache_dir, ".lock"), "w") as lock:
+                _flock(lock.fileno(), time.monotonic() + self.timeout)
+                if not os.path.exists(vk):
+                    self._write_vk(target)
+        return vk
+
+    def _write_vk(self, target):
+        tmp = f"{target}.tmp-{os.getpid()}"
+        os.makedirs(tmp, exist_ok=True)
+        try:
+            argv = [self.binary, "write_vk", "-b", self.circuit, "-o", tmp] + self._base_args()
+            code, _, err = run(argv, self.timeout)
+            if code != 0 or not os.path.exists(os.path.join(tmp, "vk")):
+                reason = failure_reason(err, hide=(tmp, self.circuit))
+                raise ProverCrashed(code, f"bb write_vk failed: {reason}")
+            os.replace(tmp, target)
+        finally:
+            shutil.rmtree(tmp, ignore_errors=True)
+
+    # -- proving
+
+    def prove(self, witness_path, workdir):
+        """Prove one witness; return a Proof.
+
+        witness_path: the gzipped witness (Noir 1.0.0-beta.26 witness stack).
+        workdir: an empty directory bb may write into (the caller removes it).
+        Raises ProverFailed (bb rejected the witness), ProverTimeout,
+        ProverCrashed (signal, or no output) or ProverUnavailable.
+        """
+        vk = self.ensure_vk()
+        argv = [self.binary, "prove", "-b", self.circuit, "-w", witness_path, "-k", vk,
+                "-o", workdir] + self._base_args()
+        code, _, err = run(argv, self.timeout)
+        hide = (workdir, witness_path, self.circuit, vk, self.crs_dir or "")
+        if code < 0:
+            raise ProverCrashed(code, f"bb was killed by signal {signal.Signals(-code).name}")
+        if code != 0:
+            raise ProverFailed(code, failure_reason(err, hide))
+        if UNSATISFIED_MARKER.encode() in err:
+            raise ProverFailed(code, "the witness does not satisfy the circuit's constraints")
+        try:
+            with open(os.path.join(workdir, "proof"), "rb") as f:
+                proof = f.read()
+            with open(os.path.join(workdir, "public_inputs"), "rb") as f:
+                public_inputs = parse_public_inputs(f.read())
+        except (OSError, ValueError) as exc:
+            raise ProverCrashed(code, f"bb exited 0 without usable output: {exc}") from None
+        return Proof(proof, public_inputs)
+
+
+# ---------------------------------------------------------------- proof slots
+
+class SlotTimeout(Exception):
+    """No proof slot became free in time."""
+
+
+class ProofSlots:
+    """At most `count` proofs at once across every process sharing `lock_dir`.
+
+    Each slot is a lock file held with flock(); the kernel releases it when its
+    holder exits, so a killed worker cannot leak a slot. Waiters poll every
+    `poll` seconds (gevent-friendly); no FIFO order is promised.
+    """
+
+    def __init__(self, lock_dir, count, poll=0.02):
+        os.makedirs(lock_dir, exist_ok=True)
+        self.paths = [os.path.join(lock_dir, f"slot-{i}.lock") for i in range(count)]
+        self.poll = poll
+
+    @contextmanager
+    def acquire(self, timeout):
+        """Hold a slot for the `with` body; raises SlotTimeout after `timeout` seconds."""
+        deadline = time.monotonic() + timeout
+        while True:
+            for path in self.paths:
+                fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+                try:
+                    fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                except BlockingIOError:
+                    os.close(fd)
+                    continue
+                try:
+                    yield
+                finally:
+                    os.close(fd)  # releases the lock
+                return
+            if time.monotonic() >= deadline:
+                raise SlotTimeout(f"no proof slot free within {timeout:g} s")
+            gevent.sleep(self.poll)
+
+
+def _flock(fd, deadline):
+    """Take an exclusive flock on `fd`, polling so a gevent worker is not blocked."""
+    while True:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            return
+        except OSError as exc:
+            if exc.errno not in (errno.EAGAIN, errno.EACCES):
+                raise
+        if time.monotonic() > deadline:
+            raise ProverTimeout("timed out waiting for another process to write the VK")
+        gevent.sleep(0.05)

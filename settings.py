@@ -1,0 +1,100 @@
+"""bb-worker settings, read once from the environment and checked at import.
+
+A bad value raises ConfigError (a ValueError) naming the variable, so the server
+stops at start-up instead of failing on the first request. gunicorn.conf.py,
+app.py and the tests read the constants below; nothing else reads os.environ.
+"""
+import os
+import tempfile
+
+APP_DIR = os.path.dirname(os.path.abspath(__file__))
+MiB = 1024 * 1024
+
+# bb's -t/--verifier_target values (bb 5.0.0 `bb prove --help`).
+VERIFIER_TARGETS = ("evm", "evm-no-zk", "noir-recursive", "noir-recursive-no-zk",
+                    "noir-rollup", "noir-rollup-no-zk", "starknet", "starknet-no-zk")
+
+
+class ConfigError(ValueError):
+    """A setting from the environment is invalid; the message names the variable."""
+
+
+def _raw(name, default):
+    value = os.environ.get(name, "")
+    return value.strip() if value.strip() else default
+
+
+def _int(name, default, low, high=None):
+    raw = _raw(name, str(default))
+    try:
+        value = int(raw)
+    except ValueError:
+        raise ConfigError(f"{name}={raw!r} is not a whole number") from None
+    if value < low or (high is not None and value > high):
+        bounds = f"from {low} to {high}" if high is not None else f"at least {low}"
+        raise ConfigError(f"{name}={raw!r} must be {bounds}")
+    return value
+
+
+def _seconds(name, default):
+    raw = _raw(name, str(default))
+    try:
+        value = float(raw)
+    except ValueError:
+        raise ConfigError(f"{name}={raw!r} is not a number of seconds") from None
+    if not 0 < value < 86400:
+        raise ConfigError(f"{name}={raw!r} must be more than 0 and less than 86400 seconds")
+    return value
+
+
+def _choice(name, default, choices):
+    raw = _raw(name, default)
+    if raw not in choices:
+        raise ConfigError(f"{name}={raw!r} must be one of: {', '.join(c for c in choices if c)}")
+    return raw
+
+
+def _circuit(name, default):
+    path = os.path.abspath(_raw(name, default))
+    try:
+        with open(path, "rb") as f:
+            head = f.read(1)
+    except OSError as exc:
+        raise ConfigError(f"{name}={path!r}: {exc.strerror}") from None
+    if head != b"{":
+        raise ConfigError(f"{name}={path!r} is not a Noir program JSON (circuit.json)")
+    return path
+
+
+def _directory(name, default):
+    path = _raw(name, default)
+    if path is None:
+        return None
+    path = os.path.abspath(path)
+    if os.path.exists(path) and not os.path.isdir(path):
+        raise ConfigError(f"{name}={path!r} is not a directory")
+    return path
+
+
+# ---------------------------------------------------------------- server
+PORT = _int("PORT", 8080, 1, 65535)
+WEB_CONCURRENCY = _int("WEB_CONCURRENCY", 1, 1, 64)
+
+# ---------------------------------------------------------------- bb and the circuit
+CIRCUIT_PATH = _circuit("CIRCUIT_PATH", os.path.join(APP_DIR, "circuit.json"))
+BB_BINARY = os.path.abspath(_raw("BB_BINARY", os.path.join(APP_DIR, ".bb", "bb")))
+BB_CRS_PATH = _directory("BB_CRS_PATH", None)
+VERIFIER_TARGET = _choice("VERIFIER_TARGET", "", ("",) + VERIFIER_TARGETS) or None
+PROVE_TIMEOUT_SECONDS = _seconds("PROVE_TIMEOUT_SECONDS", 90)
+
+# ---------------------------------------------------------------- files
+TMPDIR = tempfile.gettempdir()  # honours TMPDIR
+WORK_DIR = os.path.join(TMPDIR, "bb-proofs")
+VK_CACHE_DIR = _directory("VK_CACHE_DIR", os.path.join(TMPDIR, "bb-worker-vk"))
+
+# ---------------------------------------------------------------- limits
+MAX_BODY_BYTES = _int("MAX_BODY_BYTES", 50 * MiB, 1)
+MAX_WITNESS_BYTES = _int("MAX_WITNESS_BYTES", 512 * MiB, 1)
+MAX_CONCURRENT_PROOFS = _int("MAX_CONCURRENT_PROOFS", 1, 1, 1024)
+QUEUE_TIMEOUT_SECONDS = _seconds("QUEUE_TIMEOUT_SECONDS", 30)
+UPLOAD_TIMEOUT_SECONDS = _seconds("UPLOAD_TIMEOUT_SECONDS", 30)
