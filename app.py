@@ -170,8 +170,11 @@ def read_body(environ, sink, idle_timeout):
     remaining = int(length) if length else (None if chunked or environ.get("wsgi.input_terminated") else 0)
     while remaining is None or remaining > 0:
         size = CHUNK_BYTES if remaining is None else min(CHUNK_BYTES, remaining)
-        with gevent.Timeout(idle_timeout, RequestTimeout(f"no body data for {idle_timeout:g} s")):
-            chunk = stream.read(size)
+        try:
+            with gevent.Timeout(idle_timeout, RequestTimeout(f"no body data for {idle_timeout:g} s")):
+                chunk = stream.read(size)
+        except OSError as exc:  # gunicorn's NoMoreData, bad chunk framing, reset connection
+            raise BadRequest(f"request body could not be read: {exc or type(exc).__name__}") from None
         if not chunk:
             break
         if remaining is not None:
@@ -334,7 +337,7 @@ def remove(*paths):
         else:
             try:
                 os.unlink(path)
-            except FileNotFoundError:
+            except (FileNotFoundError, NotADirectoryError):
                 pass
 
 

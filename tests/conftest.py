@@ -97,11 +97,16 @@ if args[0] == "write_vk":
     os.makedirs(out, exist_ok=True)
     open(os.path.join(out, "vk"), "wb").write(b"vk"); open(os.path.join(out, "vk_hash"), "wb").write(b"h" * 32)
     sys.exit(0)
-mode = os.environ.get("FAKE_BB_MODE", "ok")
+mode_file = os.environ.get("FAKE_BB_MODE_FILE")
+mode = open(mode_file).read().strip() if mode_file else os.environ.get("FAKE_BB_MODE", "ok")
 pidfile = os.environ.get("FAKE_BB_PIDFILE")
 if pidfile:
     with open(pidfile, "a") as f:
         f.write(f"{{os.getpid()}}\\n")
+log = os.environ.get("FAKE_BB_LOG")  # "start <t>" / "end <t>" lines, to check overlap
+if log:
+    with open(log, "a") as f:
+        f.write(f"start {{time.time()}}\\n")
 if mode == "sleep":
     time.sleep(3600)
 if mode == "grandchild":
@@ -121,6 +126,9 @@ time.sleep(delay)
 os.makedirs(out, exist_ok=True)
 open(os.path.join(out, "proof"), "wb").write(b"P" * 64)
 open(os.path.join(out, "public_inputs"), "wb").write(bytes(31) + b"\\x07")
+if log:
+    with open(log, "a") as f:
+        f.write(f"end {{time.time()}}\\n")
 """
 
 

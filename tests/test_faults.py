@@ -1,0 +1,312 @@
+"""Limits and faults on a live server: sizes, gzip bombs, slots, stalls, disconnects, SIGTERM, disk."""
+import gzip
+import os
+import signal
+import socket
+import statistics
+import subprocess
+import threading
+import time
+
+import pytest
+
+from conftest import bb_processes, fixture_bytes, request, request_json
+
+WITNESS = fixture_bytes("valid_1.gz")
+
+
+def raw_exchange(port, head, body=b"", wait=10.0):
+    """Send raw bytes, return what the server answers before it closes (bytes)."""
+    with socket.create_connection(("127.0.0.1", port), timeout=wait) as s:
+        s.sendall(head + body)
+        chunks = []
+        try:
+            while True:
+                data = s.recv(65536)
+                if not data:
+                    break
+                chunks.append(data)
+                if b"\r\n\r\n" in b"".join(chunks):
+                    head_end = b"".join(chunks).index(b"\r\n\r\n")
+                    length = [int(line.split(b":")[1]) for line in b"".join(chunks)[:head_end].split(b"\r\n")
+                              if line.lower().startswith(b"content-length:")]
+                    if length and len(b"".join(chunks)) >= head_end + 4 + length[0]:
+                        break
+        except (socket.timeout, ConnectionResetError):
+            pass
+    return b"".join(chunks)
+
+
+def pids_in(path):
+    if not os.path.exists(path):
+        return []
+    with open(path) as f:
+        return [int(line) for line in f if line.strip()]
+
+
+def alive(pid):
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().rsplit(")", 1)[1].split()[0] != "Z"
+    except OSError:
+        return False
+
+
+def wait_for(predicate, timeout=10.0):
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if predicate():
+            return True
+        time.sleep(0.02)
+    return False
+
+
+# ---------------------------------------------------------------- sizes
+
+def test_content_length_over_limit_is_413_before_reading(start_server):
+    srv = start_server(MAX_BODY_BYTES=1000)
+    # Announce 10 MB but send nothing: the answer must come without the body.
+    head = b"POST /api/prove HTTP/1.1\r\nHost: x\r\nContent-Length: 10000000\r\n\r\n"
+    answer = raw_exchange(srv.port, head, wait=5)
+    assert answer.startswith(b"HTTP/1.1 413 ")
+    assert b'"error":"Payload too large"' in answer
+    assert srv.leftovers() == []
+
+
+def test_chunked_body_over_limit_is_cut_off_with_413(start_server):
+    import http.client
+    srv = start_server(MAX_BODY_BYTES=1000)
+    conn = http.client.HTTPConnection("127.0.0.1", srv.port, timeout=10)
+    conn.request("POST", "/api/prove", body=iter([WITNESS[:2]] + [b"\0" * 500] * 10), encode_chunked=True)
+    resp = conn.getresponse()
+    assert resp.status == 413
+    assert b"exceeds 1000 bytes" in resp.read()
+    conn.close()
+    assert srv.leftovers() == []
+
+
+def test_gzip_bomb_is_413_without_starting_bb(start_server, fake_bb, tmp_path):
+    pidfile = tmp_path / "pids"
+    srv = start_server(BB_BINARY=fake_bb, FAKE_BB_PIDFILE=pidfile, MAX_WITNESS_BYTES=1024 * 1024)
+    bomb = gzip.compress(b"\0" * (64 * 1024 * 1024), 9)
+    assert len(bomb) < 100_000
+    status, _, body = request_json(srv.port, "POST", "/api/prove", bomb)
+    assert status == 413
+    assert "decompressed" in body["message"]
+    assert pids_in(pidfile) == []
+    assert srv.leftovers() == []
+
+
+# ---------------------------------------------------------------- the proof slots
+
+def test_slots_bound_bb_across_worker_processes(start_server, fake_bb, tmp_path):
+    log = tmp_path / "bb.log"
+    srv = start_server(BB_BINARY=fake_bb, FAKE_BB_LOG=log, FAKE_BB_DELAY=0.3,
+                       WEB_CONCURRENCY=3, MAX_CONCURRENT_PROOFS=1)
+    results = []
+    threads = [threading.Thread(target=lambda: results.append(
+        request(srv.port, "POST", "/api/prove", WITNESS)[0])) for _ in range(6)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert results == [200] * 6
+    events = sorted((float(t), kind) for kind, t in (line.split() for line in log.read_text().splitlines()))
+    running = peak = 0
+    for _, kind in events:
+        running += 1 if kind == "start" else -1
+        peak = max(peak, running)
+    assert peak == 1
+
+
+def test_queue_timeout_is_503_with_retry_after(start_server, fake_bb):
+    srv = start_server(BB_BINARY=fake_bb, FAKE_BB_DELAY=4, MAX_CONCURRENT_PROOFS=1, QUEUE_TIMEOUT_SECONDS=1)
+    first = []
+    t = threading.Thread(target=lambda: first.append(request(srv.port, "POST", "/api/prove", WITNESS)[0]))
+    t.start()
+    time.sleep(1)
+    status, headers, body = request_json(srv.port, "POST", "/api/prove", WITNESS)
+    t.join()
+    assert first == [200]
+    assert status == 503
+    assert headers["retry-after"] == "1"
+    assert body["error"] == "Service unavailable"
+    assert srv.leftovers() == []
+
+
+def test_stalled_upload_is_408_and_holds_no_slot(start_server, bb):
+    srv = start_server(MAX_CONCURRENT_PROOFS=1, UPLOAD_TIMEOUT_SECONDS=2)
+    stalled = socket.create_connection(("127.0.0.1", srv.port))
+    stalled.sendall(b"POST /api/prove HTTP/1.1\r\nHost: x\r\nContent-Length: 1000\r\n\r\n" + WITNESS[:10])
+    time.sleep(0.3)
+    # While that upload stalls, a complete request gets the only slot.
+    status, _, _ = request_json(srv.port, "POST", "/api/prove", WITNESS)
+    assert status == 200
+    stalled.settimeout(10)
+    answer = stalled.recv(65536)
+    stalled.close()
+    assert answer.startswith(b"HTTP/1.1 408 ")
+    assert srv.leftovers() == []
+
+
+# ---------------------------------------------------------------- disconnects and bb faults
+
+def test_client_gone_while_bb_runs_stops_bb_and_frees_the_slot(start_server, fake_bb, tmp_path):
+    pidfile, mode = tmp_path / "pids", tmp_path / "mode"
+    mode.write_text("sleep")
+    srv = start_server(BB_BINARY=fake_bb, FAKE_BB_PIDFILE=pidfile, FAKE_BB_MODE_FILE=mode,
+                       MAX_CONCURRENT_PROOFS=1, QUEUE_TIMEOUT_SECONDS=2)
+    s = socket.create_connection(("127.0.0.1", srv.port))
+    s.sendall(b"POST /api/prove HTTP/1.1\r\nHost: x\r\nContent-Length: %d\r\n\r\n" % len(WITNESS) + WITNESS)
+    assert wait_for(lambda: pids_in(pidfile))
+    s.close()
+    pid = pids_in(pidfile)[0]
+    assert wait_for(lambda: not alive(pid)), "bb still running after the client left"
+    assert wait_for(lambda: srv.leftovers() == [])
+    mode.write_text("ok")
+    status, _, _ = request_json(srv.port, "POST", "/api/prove", WITNESS)
+    assert status == 200  # the slot was freed (a held slot would answer 503 after 2 s)
+
+
+def test_client_gone_mid_upload_leaves_nothing(start_server, fake_bb, tmp_path):
+    pidfile = tmp_path / "pids"
+    srv = start_server(BB_BINARY=fake_bb, FAKE_BB_PIDFILE=pidfile)
+    for chunked in (False, True):
+        s = socket.create_connection(("127.0.0.1", srv.port))
+        if chunked:
+            s.sendall(b"POST /api/prove HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: chunked\r\n\r\n"
+                      b"%x\r\n" % 200 + WITNESS[:200] + b"\r\n")
+        else:
+            s.sendall(b"POST /api/prove HTTP/1.1\r\nHost: x\r\nContent-Length: 100000\r\n\r\n" + WITNESS[:200])
+        time.sleep(0.2)
+        s.close()
+    assert wait_for(lambda: srv.leftovers() == [])
+    assert pids_in(pidfile) == []
+    assert request(srv.port, "POST", "/api/prove", WITNESS)[0] == 200
+    assert "Traceback" not in srv.output()
+
+
+def test_timeout_kills_bb_and_its_children(start_server, fake_bb, tmp_path):
+    pidfile = tmp_path / "pids"
+    srv = start_server(BB_BINARY=fake_bb, FAKE_BB_MODE="grandchild", FAKE_BB_PIDFILE=pidfile,
+                       PROVE_TIMEOUT_SECONDS=1)
+    status, _, body = request_json(srv.port, "POST", "/api/prove", WITNESS)
+    assert status == 504
+    pids = pids_in(pidfile)
+    assert len(pids) == 2  # bb and the child it started
+    assert wait_for(lambda: not any(alive(pid) for pid in pids))
+    assert bb_processes(fake_bb) == []
+    assert srv.leftovers() == []
+
+
+@pytest.mark.parametrize("mode, words", [("segv", "SIGSEGV"), ("nooutput", "without usable output")])
+def test_bb_crash_is_500_and_next_request_works(start_server, fake_bb, tmp_path, mode, words):
+    mode_file = tmp_path / "mode"
+    mode_file.write_text(mode)
+    srv = start_server(BB_BINARY=fake_bb, FAKE_BB_MODE_FILE=mode_file)
+    status, _, body = request_json(srv.port, "POST", "/api/prove", WITNESS)
+    assert status == 500
+    assert body["error"] == "Internal server error" and words in body["message"]
+    mode_file.write_text("ok")
+    assert request(srv.port, "POST", "/api/prove", WITNESS)[0] == 200
+    assert srv.leftovers() == []
+
+
+def test_bb_failure_reason_hides_temp_paths(start_server, fake_bb):
+    srv = start_server(BB_BINARY=fake_bb, FAKE_BB_MODE="fail")
+    status, _, body = request_json(srv.port, "POST", "/api/prove", WITNESS)
+    assert status == 422
+    assert body["message"].startswith("bb prove failed: bad witness at ")
+    assert srv.tmpdir not in body["message"] and "mem:" not in body["message"]
+
+
+# ---------------------------------------------------------------- shutdown
+
+def test_sigterm_lets_the_proof_in_flight_finish(start_server, fake_bb, tmp_path):
+    pidfile = tmp_path / "pids"
+    srv = start_server(BB_BINARY=fake_bb, FAKE_BB_PIDFILE=pidfile, FAKE_BB_DELAY=2)
+    result = []
+    t = threading.Thread(target=lambda: result.append(request_json(srv.port, "POST", "/api/prove", WITNESS)))
+    t.start()
+    assert wait_for(lambda: pids_in(pidfile))
+    stopped_at = time.monotonic()
+    os.killpg(srv.proc.pid, signal.SIGTERM)
+    time.sleep(1.5)  # a gevent worker notices SIGTERM within its 1 s heartbeat loop
+    with pytest.raises(OSError):  # then no process listens: new connections are refused
+        request(srv.port, "GET", "/api/health", timeout=2)
+    t.join()
+    srv.proc.wait(timeout=30)
+    assert result and result[0][0] == 200 and result[0][2]["success"] is True
+    assert time.monotonic() - stopped_at < 15
+    assert srv.leftovers() == []
+
+
+# ---------------------------------------------------------------- the temp dir
+
+def test_temp_dir_not_writable_is_503_then_recovers(start_server):
+    srv = start_server()
+    os.rmdir(srv.work_dir)
+    with open(srv.work_dir, "w") as f:  # a file where the directory should be
+        f.write("x")
+    status, headers, body = request_json(srv.port, "POST", "/api/prove", WITNESS)
+    assert status == 503
+    assert body["message"].startswith("temp dir is not writable")
+    assert "retry-after" in headers
+    os.unlink(srv.work_dir)
+    os.mkdir(srv.work_dir)
+    assert request(srv.port, "POST", "/api/prove", WITNESS)[0] == 200
+
+
+def test_temp_dir_full_is_503_then_recovers(start_server, tmp_path):
+    tmpfs = tmp_path / "small"
+    tmpfs.mkdir()
+    if subprocess.run(["mount", "-t", "tmpfs", "-o", "size=4m", "tmpfs", str(tmpfs)],
+                      capture_output=True).returncode != 0:
+        pytest.skip("cannot mount a tmpfs here (needs root)")
+    try:
+        srv = start_server(TMPDIR=tmpfs)
+        filler = tmpfs / "filler"
+        with open(filler, "wb") as f:
+            try:
+                while True:
+                    f.write(b"\0" * 65536)
+                    f.flush()
+            except OSError:
+                pass
+        status, _, body = request_json(srv.port, "POST", "/api/prove", WITNESS)
+        assert status == 503, body
+        assert "space" in body["message"] or "not writable" in body["message"]
+        filler.unlink()
+        assert request(srv.port, "POST", "/api/prove", WITNESS)[0] == 200
+        assert srv.leftovers() == []
+        srv.stop()
+    finally:
+        subprocess.run(["umount", "-l", str(tmpfs)], check=False)
+
+
+# ---------------------------------------------------------------- health under load
+
+def test_health_stays_fast_while_proofs_saturate_the_cpus(start_server):
+    srv = start_server(MAX_CONCURRENT_PROOFS=2)
+    stop = threading.Event()
+
+    def prove_loop():
+        while not stop.is_set():
+            request(srv.port, "POST", "/api/prove", WITNESS)
+
+    workers = [threading.Thread(target=prove_loop) for _ in range(4)]
+    for w in workers:
+        w.start()
+    time.sleep(0.5)
+    timings = []
+    for _ in range(40):
+        started = time.monotonic()
+        status, _, _ = request(srv.port, "GET", "/api/health")
+        timings.append((time.monotonic() - started) * 1000)
+        assert status == 200
+        time.sleep(0.05)
+    stop.set()
+    for w in workers:
+        w.join()
+    print(f"health under load: median {statistics.median(timings):.1f} ms, max {max(timings):.1f} ms")
+    assert statistics.median(timings) < 100
