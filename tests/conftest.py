@@ -246,8 +246,19 @@ def server(tmp_path_factory, crs_dir):
     srv.stop()
 
 
-def bb_processes(binary):
-    """PIDs of live (non-zombie) processes with `binary` as argv[0] or argv[1] (a script)."""
+def parent_pid(pid):
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return int(f.read().rsplit(")", 1)[1].split()[1])
+    except OSError:
+        return 0
+
+
+def bb_processes(binary, under=None):
+    """PIDs of live (non-zombie) processes with `binary` as argv[0] or argv[1] (a script).
+
+    With `under` (a pid), only its descendants: other tests or benchmarks may run bb too.
+    """
     pids = []
     for pid in os.listdir("/proc"):
         if not pid.isdigit():
@@ -259,8 +270,15 @@ def bb_processes(binary):
                 state = f.read().rsplit(")", 1)[1].split()[0]
         except OSError:
             continue
-        if binary.encode() in argv and state != "Z":
-            pids.append(int(pid))
+        if binary.encode() not in argv or state == "Z":
+            continue
+        if under is not None:
+            ancestor = int(pid)
+            while ancestor > 1 and ancestor != under:
+                ancestor = parent_pid(ancestor)
+            if ancestor != under:
+                continue
+        pids.append(int(pid))
     return pids
 
 
