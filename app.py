@@ -9,20 +9,24 @@ Errors answer {"error": <title>, "message": <detail>}. Serve it with gunicorn an
 the gevent worker (gunicorn.conf.py); bbrunner.py runs bb, settings.py holds the config.
 """
 import base64
+import errno
 import json
 import logging
 import os
 import platform
+import re
 import shutil
 import socket
 import time
 import uuid
 import zlib
+from collections import namedtuple
 from datetime import datetime, timezone
 
 import gevent
 
 import bbrunner
+import observability
 import settings
 
 log = logging.getLogger("bb_worker")
@@ -38,10 +42,11 @@ class HTTPError(Exception):
     code = 500
     title = "Internal server error"
 
-    def __init__(self, message, headers=()):
+    def __init__(self, message, headers=(), extra=None):
         super().__init__(message)
         self.message = message
         self.headers = list(headers)
+        self.extra = dict(extra or {})  # more fields for the JSON body
 
 
 class BadRequest(HTTPError):
@@ -91,7 +96,7 @@ def prover_error(exc):
     return HTTPError(f"bb crashed: {exc}")
 
 
-STATUS_TEXT = {200: "OK", 400: "Bad Request", 404: "Not Found", 405: "Method Not Allowed",
+STATUS_TEXT = {200: "OK", 304: "Not Modified", 400: "Bad Request", 404: "Not Found", 405: "Method Not Allowed",
                408: "Request Timeout", 413: "Payload Too Large", 422: "Unprocessable Entity",
                499: "Client Closed Request", 500: "Internal Server Error",
                503: "Service Unavailable", 504: "Gateway Timeout"}
@@ -182,73 +187,152 @@ def read_body(environ, sink, idle_timeout):
         sink.write(chunk)
 
 
+# ---------------------------------------------------------------- content negotiation
+
+def accept_quality(accept, media_type):
+    """q-value (float, 0..1) that an Accept header gives `media_type` ("type/subtype").
+
+    RFC 9110 section 12.5.1: the most specific matching range wins (type/subtype over
+    type/* over */*); no Accept header means everything is acceptable (1.0).
+    """
+    if not accept.strip():
+        return 1.0
+    kind = media_type.split("/")[0]
+    best = (-1, 0.0)
+    for item in accept.split(","):
+        parts = [p.strip() for p in item.split(";")]
+        mrange, q = parts[0].lower(), 1.0
+        for param in parts[1:]:
+            name, _, value = param.partition("=")
+            if name.strip().lower() == "q":
+                try:
+                    q = min(max(float(value), 0.0), 1.0)
+                except ValueError:
+                    q = 0.0
+        specificity = {media_type: 2, f"{kind}/*": 1, "*/*": 0}.get(mrange)
+        if specificity is not None and specificity > best[0]:
+            best = (specificity, q)
+    return best[1]
+
+
+def wants_binary(accept, default):
+    """True when the proof should be sent as raw bytes (application/octet-stream).
+
+    The Accept header decides by q-values; a tie keeps `default` ("json" or "binary").
+    """
+    binary = accept_quality(accept, "application/octet-stream")
+    as_json = accept_quality(accept, "application/json")
+    if binary != as_json:
+        return binary > as_json
+    return default == "binary"
+
+
 # ---------------------------------------------------------------- the app
+
+Reply = namedtuple("Reply", "status body content_type headers")
+
+
+def json_reply(status, payload, headers=()):
+    """A Reply whose body is `payload` as compact JSON."""
+    return Reply(status, json.dumps(payload, separators=(",", ":")).encode(), "application/json", list(headers))
+
+
+CIRCUIT_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_-]{0,63}$")
+OUTCOMES = {bbrunner.ProverFailed: "rejected", bbrunner.ProverTimeout: "timeout",
+            bbrunner.ProverCrashed: "crashed", bbrunner.ProverUnavailable: "unavailable"}
+
 
 class Worker:
     """The WSGI callable: routes requests, proves witnesses with `prover`.
 
-    prover: bbrunner.Prover. slots: bbrunner.ProofSlots shared by all worker
-    processes. work_dir: where per-request witness files and bb output live.
-    Limits in bytes and seconds as in settings.py.
+    prover: bbrunner.Prover for /api/prove. circuits: optional dict name -> Prover
+    served at /api/prove/<name> and /api/vk/<name>. slots: bbrunner.ProofSlots
+    shared by all worker processes. work_dir: where per-request witness files and
+    bb output live. Limits in bytes and seconds as in settings.py.
+    response_format: "json" or "binary", the proof format when Accept does not choose.
     """
 
     def __init__(self, prover, slots, work_dir, max_body_bytes, max_witness_bytes,
-                 queue_timeout, upload_timeout):
+                 queue_timeout, upload_timeout, circuits=None, response_format="json"):
         self.prover = prover
+        self.circuits = dict(circuits or {})
         self.slots = slots
         self.work_dir = work_dir
         self.max_body_bytes = max_body_bytes
         self.max_witness_bytes = max_witness_bytes
         self.queue_timeout = queue_timeout
         self.upload_timeout = upload_timeout
+        self.response_format = response_format
         self.routes = {
             ("GET", "/api/health"): self.health,
+            ("GET", "/api/metrics"): self.metrics,
+            ("GET", "/api/vk"): self.vk,
             ("POST", "/api/prove"): self.prove,
         }
+        self.endpoints = sorted({p for _, p in self.routes})
+        if self.circuits:
+            self.endpoints += ["/api/prove/<circuit>", "/api/vk/<circuit>"]
 
     # -- dispatch
 
     def __call__(self, environ, start_response):
         started = time.monotonic()
         request_id = str(uuid.uuid4())
-        environ["bb_worker.request_id"] = request_id
         method = environ.get("REQUEST_METHOD", "GET")
         path = environ.get("PATH_INFO", "") or "/"
-        extra = []
         try:
-            handler = self.match(method, path)
-            status, payload = handler(environ, request_id)
+            handler, args = self.match(method, path)
+            reply = handler(environ, request_id, *args)
         except HTTPError as exc:
-            status, extra = exc.code, exc.headers
             payload = {"error": exc.title, "message": exc.message}
-            if isinstance(exc, NotFound):
-                payload["available_endpoints"] = sorted({p for _, p in self.routes})
+            payload.update(exc.extra)
+            if isinstance(exc, NotFound) and not exc.extra:
+                payload["available_endpoints"] = self.endpoints
+            reply = json_reply(exc.code, payload, exc.headers)
         except ClientGone:
-            status, payload = 499, {"error": "Client closed request", "message": "client disconnected"}
+            reply = json_reply(499, {"error": "Client closed request", "message": "client disconnected"})
         except Exception:
             log.exception("request %s: unhandled error", request_id)
-            status, payload = 500, {"error": HTTPError.title, "message": "unexpected server error"}
-        body = json.dumps(payload, separators=(",", ":")).encode()
-        headers = [("Content-Type", "application/json"), ("Content-Length", str(len(body))),
-                   ("X-Request-Id", request_id)] + extra
-        start_response(f"{status} {STATUS_TEXT.get(status, 'Unknown')}", headers)
-        access_log.info("%s %s %s %d in=%d ms=%.1f", request_id, method, path, status,
-                        environ.get("bb_worker.bytes_in", 0), (time.monotonic() - started) * 1000)
-        return [b""] if method == "HEAD" else [body]
+            reply = json_reply(500, {"error": HTTPError.title, "message": "unexpected server error"})
+        headers = [("Content-Type", reply.content_type), ("Content-Length", str(len(reply.body))),
+                   ("X-Request-Id", request_id)] + reply.headers
+        start_response(f"{reply.status} {STATUS_TEXT.get(reply.status, 'Unknown')}", headers)
+        fields = {"request_id": request_id, "method": method, "path": path, "status": reply.status,
+                  "bytes_in": environ.get("bb_worker.bytes_in", 0), "bytes_out": len(reply.body),
+                  "duration_ms": round((time.monotonic() - started) * 1000, 1),
+                  "bb_exit_code": environ.get("bb_worker.bb_exit_code")}
+        access_log.info("%(request_id)s %(method)s %(path)s %(status)d in=%(bytes_in)d "
+                        "out=%(bytes_out)d ms=%(duration_ms).1f bb=%(bb_exit_code)s", fields, extra=fields)
+        return [b""] if method == "HEAD" else [reply.body]
 
     def match(self, method, path):
-        """Return the handler for (method, path); raise NotFound or MethodNotAllowed."""
-        if method == "HEAD":
-            method = "GET"
-        handler = self.routes.get((method, path))
+        """Return (handler, args) for (method, path); raise NotFound or MethodNotAllowed."""
+        lookup = "GET" if method == "HEAD" else method
+        handler, args = self.routes.get((lookup, path)), ()
+        if handler is None and self.circuits:
+            for prefix, verb, target in (("/api/prove/", "POST", self.prove), ("/api/vk/", "GET", self.vk)):
+                if path.startswith(prefix):
+                    name = path[len(prefix):]
+                    if name not in self.circuits or not CIRCUIT_NAME.match(name):
+                        raise NotFound(f"no circuit named {name!r}",
+                                       extra={"available_circuits": sorted(self.circuits)})
+                    if lookup != verb:
+                        self._not_allowed(path, [verb])
+                    handler, args = target, (name,)
         if handler is not None:
-            return handler
+            return handler, args
         allowed = sorted({m for m, p in self.routes if p == path})
         if not allowed:
             raise NotFound(f"no endpoint at {path}")
-        if "GET" in allowed:
-            allowed.append("HEAD")
+        self._not_allowed(path, allowed)
+
+    @staticmethod
+    def _not_allowed(path, allowed):
+        allowed = allowed + ["HEAD"] if "GET" in allowed else allowed
         raise MethodNotAllowed(f"{path} accepts {', '.join(allowed)}", [("Allow", ", ".join(allowed))])
+
+    def prover_for(self, name):
+        return self.prover if name is None else self.circuits[name]
 
     # -- GET /api/health
 
@@ -260,13 +344,41 @@ class Worker:
             "architecture": platform.machine(),
             "bb": {"available": available, "version": version,
                    "binary_arch": self.prover.binary_arch() if available else detail},
+            "verifier_target": self.prover.verifier_target,
             "timestamp": datetime.now(timezone.utc).isoformat(timespec="milliseconds").replace("+00:00", "Z"),
         }
-        return (200 if available else 503), payload
+        return json_reply(200 if available else 503, payload)
 
-    # -- POST /api/prove
+    # -- GET /api/metrics
 
-    def prove(self, environ, request_id):
+    def metrics(self, environ, request_id):
+        available, version, _ = self.prover.status()
+        if available:
+            observability.BB_INFO.labels(version, self.prover.verifier_target or "default").set(1)
+        body, content_type = observability.render()
+        return Reply(200, body, content_type, [])
+
+    # -- GET /api/vk[/<circuit>]
+
+    def vk(self, environ, request_id, name=None):
+        prover = self.prover_for(name)
+        try:
+            vk, vk_hash = prover.vk_bytes()
+            version = prover.version()
+        except bbrunner.ProverError as exc:
+            raise prover_error(exc) from None
+        etag = f'"{vk_hash.hex()}"'
+        if etag in [t.strip() for t in environ.get("HTTP_IF_NONE_MATCH", "").split(",")]:
+            return Reply(304, b"", "application/json", [("ETag", etag)])
+        return json_reply(200, {"vk": base64.b64encode(vk).decode(), "vk_hash": "0x" + vk_hash.hex(),
+                                "bb_version": version, "verifier_target": prover.verifier_target,
+                                "circuit": name}, [("ETag", etag), ("Cache-Control", "no-cache")])
+
+    # -- POST /api/prove[/<circuit>]
+
+    def prove(self, environ, request_id, name=None):
+        prover = self.prover_for(name)
+        circuit = name or "default"
         length = environ.get("CONTENT_LENGTH") or ""
         if length.isdigit() and int(length) > self.max_body_bytes:
             raise PayloadTooLarge(f"request body is {length} bytes; the limit is {self.max_body_bytes}")
@@ -274,40 +386,69 @@ class Worker:
         outdir = os.path.join(self.work_dir, f"{request_id}.out")
         watcher = None
         try:
-            try:
-                os.makedirs(outdir)
-                sink = WitnessSink(witness, self.max_body_bytes, self.max_witness_bytes)
-            except OSError as exc:
-                log.error("request %s: cannot write to %s: %s", request_id, self.work_dir, exc)
-                raise ServiceUnavailable(f"temp dir is not writable: {exc.strerror}",
-                                         [("Retry-After", "5")]) from None
-            try:
-                read_body(environ, sink, self.upload_timeout)
-                sink.finish()
-            except OSError as exc:
-                if exc.errno in (28, 122):  # ENOSPC, EDQUOT
-                    raise ServiceUnavailable("no space left for the witness", [("Retry-After", "5")]) from None
-                raise
-            finally:
-                sink.close()
-                environ["bb_worker.bytes_in"] = sink.received
+            self.receive(environ, request_id, witness, outdir)
             watcher = watch_disconnect(environ.get("gunicorn.socket"), gevent.getcurrent())
-            try:
-                with self.slots.acquire(self.queue_timeout):
-                    result = self.prover.prove(witness, outdir)
-            except bbrunner.SlotTimeout:
-                raise ServiceUnavailable(
-                    f"all proof slots busy for {self.queue_timeout:g} s; retry later",
-                    [("Retry-After", str(max(1, round(self.queue_timeout))))]) from None
-            except bbrunner.ProverError as exc:
-                log.warning("request %s: %s: %s", request_id, type(exc).__name__, exc)
-                raise prover_error(exc) from None
+            result = self.run_prover(environ, request_id, prover, circuit, witness, outdir)
+        except ClientGone:
+            observability.PROOFS.labels(circuit, "client_gone").inc()
+            raise
         finally:
             remove(witness, outdir)  # first: a ClientGone may still land in the kill below
             if watcher is not None:
                 watcher.kill()  # blocks until it has stopped reading the socket
-        return 200, {"success": True, "proof": base64.b64encode(result.proof).decode(),
-                     "publicInputs": result.public_inputs}
+        if wants_binary(environ.get("HTTP_ACCEPT", ""), self.response_format):
+            return Reply(200, result.proof, "application/octet-stream",
+                         [("X-Public-Inputs", ",".join(result.public_inputs))])
+        return json_reply(200, {"success": True, "proof": base64.b64encode(result.proof).decode(),
+                                "publicInputs": result.public_inputs})
+
+    def receive(self, environ, request_id, witness, outdir):
+        """Stream the body to `witness`, checked as gzip; create `outdir` for bb."""
+        try:
+            os.makedirs(outdir)
+            sink = WitnessSink(witness, self.max_body_bytes, self.max_witness_bytes)
+        except OSError as exc:
+            log.error("request %s: cannot write to %s: %s", request_id, self.work_dir, exc)
+            raise ServiceUnavailable(f"temp dir is not writable: {exc.strerror}",
+                                     [("Retry-After", "5")]) from None
+        try:
+            read_body(environ, sink, self.upload_timeout)
+            sink.finish()
+        except OSError as exc:
+            if exc.errno in (errno.ENOSPC, errno.EDQUOT):
+                raise ServiceUnavailable("no space left for the witness", [("Retry-After", "5")]) from None
+            raise
+        finally:
+            sink.close()
+            environ["bb_worker.bytes_in"] = sink.received
+            observability.RECEIVED.inc(sink.received)
+
+    def run_prover(self, environ, request_id, prover, circuit, witness, outdir):
+        """Wait for a proof slot, run bb; map failures to HTTP errors and count them."""
+        queued = time.monotonic()
+        try:
+            with observability.QUEUED.track_inprogress():
+                slot = self.slots.take(self.queue_timeout)
+        except bbrunner.SlotTimeout:
+            observability.PROOFS.labels(circuit, "busy").inc()
+            raise ServiceUnavailable(f"all proof slots busy for {self.queue_timeout:g} s; retry later",
+                                     [("Retry-After", str(max(1, round(self.queue_timeout))))]) from None
+        observability.QUEUE_SECONDS.observe(time.monotonic() - queued)
+        started = time.monotonic()
+        try:
+            with observability.IN_FLIGHT.track_inprogress():
+                result = prover.prove(witness, outdir)
+        except bbrunner.ProverError as exc:
+            environ["bb_worker.bb_exit_code"] = exc.returncode
+            observability.PROOFS.labels(circuit, OUTCOMES.get(type(exc), "crashed")).inc()
+            log.warning("request %s: %s: %s", request_id, type(exc).__name__, exc)
+            raise prover_error(exc) from None
+        finally:
+            self.slots.release(slot)
+        environ["bb_worker.bb_exit_code"] = 0
+        observability.PROVE_SECONDS.labels(circuit).observe(time.monotonic() - started)
+        observability.PROOFS.labels(circuit, "success").inc()
+        return result
 
 
 def watch_disconnect(sock, target):
@@ -341,24 +482,34 @@ def remove(*paths):
                 pass
 
 
-def clean_work_dir(work_dir):
-    """Empty the per-request temp area (left over after a SIGKILL); create it if missing."""
-    os.makedirs(work_dir, exist_ok=True)
-    for name in os.listdir(work_dir):
-        remove(os.path.join(work_dir, name))
+def load_circuits(directory, make_prover):
+    """Map name -> make_prover(path) for each <name>.json in `directory` with a valid name."""
+    circuits = {}
+    for entry in sorted(os.listdir(directory)):
+        name, ext = os.path.splitext(entry)
+        path = os.path.join(directory, entry)
+        if ext != ".json" or not os.path.isfile(path):
+            continue
+        if not CIRCUIT_NAME.match(name):
+            log.warning("CIRCUITS_DIR: skipping %r: names are letters, digits, '-' and '_'", entry)
+            continue
+        circuits[name] = make_prover(path)
+    return circuits
 
 
 def create_app():
     """Build the Worker from settings.py."""
-    prover = bbrunner.Prover(settings.BB_BINARY, settings.CIRCUIT_PATH, settings.VK_CACHE_DIR,
-                             crs_dir=settings.BB_CRS_PATH, timeout=settings.PROVE_TIMEOUT_SECONDS,
-                             verifier_target=settings.VERIFIER_TARGET)
-    slots = bbrunner.ProofSlots(os.path.join(settings.TMPDIR, "bb-worker-slots"),
-                                settings.MAX_CONCURRENT_PROOFS)
+    def make_prover(circuit):
+        return bbrunner.Prover(settings.BB_BINARY, circuit, settings.VK_CACHE_DIR,
+                               crs_dir=settings.BB_CRS_PATH, timeout=settings.PROVE_TIMEOUT_SECONDS,
+                               verifier_target=settings.VERIFIER_TARGET)
+    circuits = load_circuits(settings.CIRCUITS_DIR, make_prover) if settings.CIRCUITS_DIR else {}
     os.makedirs(settings.WORK_DIR, exist_ok=True)
-    return Worker(prover, slots, settings.WORK_DIR, settings.MAX_BODY_BYTES,
+    return Worker(make_prover(settings.CIRCUIT_PATH), bbrunner.ProofSlots(settings.SLOTS_DIR,
+                  settings.MAX_CONCURRENT_PROOFS), settings.WORK_DIR, settings.MAX_BODY_BYTES,
                   settings.MAX_WITNESS_BYTES, settings.QUEUE_TIMEOUT_SECONDS,
-                  settings.UPLOAD_TIMEOUT_SECONDS)
+                  settings.UPLOAD_TIMEOUT_SECONDS, circuits=circuits,
+                  response_format=settings.PROOF_RESPONSE_FORMAT)
 
 
 application = create_app()

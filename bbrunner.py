@@ -37,6 +37,7 @@ VERSION_TIMEOUT_SECONDS = 30.0
 
 class ProverError(Exception):
     """Base of everything this module raises about proving."""
+    returncode = None  # bb's exit status where bb ran to the end (negative: killed by that signal)
 
 
 class ProverUnavailable(ProverError):
@@ -236,6 +237,7 @@ class Prover:
         with open(circuit, "rb") as f:
             self.circuit_sha256 = hashlib.sha256(f.read()).hexdigest()
         self._seen = None  # (stat signature, version, ELF description) of bb
+        self._vk_cache = None  # (vk path, vk bytes, vk_hash bytes)
         self._vk_lock = Semaphore()
 
     # -- bb itself
@@ -324,6 +326,20 @@ class Prover:
                     self._write_vk(target)
         return vk
 
+    def vk_bytes(self):
+        """Return (vk, vk_hash): the bytes of bb's `vk` and `vk_hash` files (bb 5 binary format).
+
+        Computes the VK if needed (ensure_vk); cached in memory per VK directory.
+        """
+        vk = self.ensure_vk()
+        if self._vk_cache is None or self._vk_cache[0] != vk:
+            with open(vk, "rb") as f:
+                data = f.read()
+            with open(os.path.join(os.path.dirname(vk), "vk_hash"), "rb") as f:
+                digest = f.read()
+            self._vk_cache = (vk, data, digest)
+        return self._vk_cache[1], self._vk_cache[2]
+
     def _write_vk(self, target):
         tmp = f"{target}.tmp-{os.getpid()}"
         os.makedirs(tmp, exist_ok=True)
@@ -387,9 +403,11 @@ class ProofSlots:
         self.paths = [os.path.join(lock_dir, f"slot-{i}.lock") for i in range(count)]
         self.poll = poll
 
-    @contextmanager
-    def acquire(self, timeout):
-        """Hold a slot for the `with` body; raises SlotTimeout after `timeout` seconds."""
+    def take(self, timeout):
+        """Wait up to `timeout` seconds for a free slot; return its token for release().
+
+        Raises SlotTimeout when none frees up in time.
+        """
         deadline = time.monotonic() + timeout
         while True:
             for path in self.paths:
@@ -399,14 +417,24 @@ class ProofSlots:
                 except BlockingIOError:
                     os.close(fd)
                     continue
-                try:
-                    yield
-                finally:
-                    os.close(fd)  # releases the lock
-                return
+                return fd
             if time.monotonic() >= deadline:
                 raise SlotTimeout(f"no proof slot free within {timeout:g} s")
             gevent.sleep(self.poll)
+
+    @staticmethod
+    def release(token):
+        """Free the slot that take() returned."""
+        os.close(token)  # closing the descriptor drops the flock
+
+    @contextmanager
+    def acquire(self, timeout):
+        """Hold a slot for the `with` body; raises SlotTimeout after `timeout` seconds."""
+        token = self.take(timeout)
+        try:
+            yield
+        finally:
+            self.release(token)
 
 
 def _flock(fd, deadline):

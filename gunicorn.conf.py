@@ -11,6 +11,17 @@ try:
 except ValueError as exc:  # settings.ConfigError: a bad environment variable
     sys.exit(f"bb-worker: bad configuration: {exc}")
 
+# Metrics: with one worker, prometheus_client's in-process registry is exact. With
+# several, its multiprocess mode: each worker writes samples to mmap'ed files that
+# /api/metrics merges. Those files live in RAM (/dev/shm), in a directory of this
+# server's own, never in TMPDIR: a full TMPDIR would SIGBUS a worker writing to an
+# mmap'ed page. Set before anything imports prometheus_client.
+if settings.WEB_CONCURRENCY > 1 and not os.environ.get("PROMETHEUS_MULTIPROC_DIR"):
+    import tempfile
+
+    os.environ["PROMETHEUS_MULTIPROC_DIR"] = tempfile.mkdtemp(
+        prefix="bb-worker-metrics-", dir="/dev/shm" if os.path.isdir("/dev/shm") else None)
+
 # ---------------------------------------------------------------- app and socket
 wsgi_app = "app:application"
 chdir = settings.APP_DIR
@@ -56,21 +67,47 @@ logconfig_dict = {  # gunicorn's defaults, plus the app's "bb_worker" loggers on
     "formatters": {"generic": {"format": "%(asctime)s [%(process)d] [%(levelname)s] %(name)s: %(message)s",
                                "datefmt": "[%Y-%m-%d %H:%M:%S %z]"}},
 }
+if settings.LOG_FORMAT == "json":  # LOG_FORMAT=json: one JSON object per line, access and error logs
+    logconfig_dict["formatters"]["generic"] = {"()": "observability.JsonFormatter"}
 
 
 # ---------------------------------------------------------------- hooks
-def on_starting(server):
-    """In the master, before any worker: clear stale temp files, compute the VK once."""
-    import app as worker_app  # noqa: F401 - imported here, after settings were checked
+def _empty_dir(path):
+    import shutil
 
-    worker_app.clean_work_dir(settings.WORK_DIR)
+    shutil.rmtree(path, ignore_errors=True)
+    os.makedirs(path, exist_ok=True)
+
+
+def on_starting(server):
+    """In the master, before any worker: clear stale files, compute the VKs once."""
+    _empty_dir(settings.WORK_DIR)  # leftovers of a SIGKILLed run: no `finally` ran there
+    import app as worker_app
+
     available, version, detail = worker_app.application.prover.status()
     if not available:
         server.log.warning("bb is not available (%s): /api/health answers 503", detail)
         return
-    try:
-        vk = worker_app.application.prover.ensure_vk()
-    except Exception as exc:  # noqa: BLE001 - logged; the first proof will retry
-        server.log.error("could not compute the verification key: %s", exc)
-    else:
-        server.log.info("bb %s ready, VK at %s", version, vk)
+    provers = {"default": worker_app.application.prover, **worker_app.application.circuits}
+    for name, prover in provers.items():
+        try:
+            vk = prover.ensure_vk()
+        except Exception as exc:  # noqa: BLE001 - logged; the first proof will retry
+            server.log.error("circuit %s: could not compute the verification key: %s", name, exc)
+        else:
+            server.log.info("circuit %s: bb %s ready, VK at %s", name, version, vk)
+
+
+def child_exit(server, worker):
+    """Drop a dead worker's live metrics (in-flight and queued gauges)."""
+    import observability
+
+    observability.worker_exited(worker.pid)
+
+
+def on_exit(server):
+    """Remove this server's multiprocess metrics files."""
+    import shutil
+
+    if os.path.basename(os.environ.get("PROMETHEUS_MULTIPROC_DIR", "")).startswith("bb-worker-metrics-"):
+        shutil.rmtree(os.environ["PROMETHEUS_MULTIPROC_DIR"], ignore_errors=True)

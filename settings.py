@@ -87,10 +87,20 @@ BB_CRS_PATH = _directory("BB_CRS_PATH", None)
 VERIFIER_TARGET = _choice("VERIFIER_TARGET", "", ("",) + VERIFIER_TARGETS) or None
 PROVE_TIMEOUT_SECONDS = _seconds("PROVE_TIMEOUT_SECONDS", 90)
 
+# Optional: serve every <name>.json in this directory at /api/prove/<name> too.
+CIRCUITS_DIR = _directory("CIRCUITS_DIR", None)
+if CIRCUITS_DIR is not None and not os.path.isdir(CIRCUITS_DIR):
+    raise ConfigError(f"CIRCUITS_DIR={CIRCUITS_DIR!r} does not exist")
+
+# ---------------------------------------------------------------- responses and logs
+PROOF_RESPONSE_FORMAT = _choice("PROOF_RESPONSE_FORMAT", "json", ("json", "binary"))
+LOG_FORMAT = _choice("LOG_FORMAT", "text", ("text", "json"))
+
 # ---------------------------------------------------------------- files
 TMPDIR = tempfile.gettempdir()  # honours TMPDIR
 WORK_DIR = os.path.join(TMPDIR, "bb-proofs")
 VK_CACHE_DIR = _directory("VK_CACHE_DIR", os.path.join(TMPDIR, "bb-worker-vk"))
+SLOTS_DIR = os.path.join(TMPDIR, "bb-worker-slots")
 
 # ---------------------------------------------------------------- limits
 MAX_BODY_BYTES = _int("MAX_BODY_BYTES", 50 * MiB, 1)

@@ -81,7 +81,7 @@ def test_unknown_path_is_404_listing_endpoints(server):
     status, _, body = request_json(server.port, "GET", "/nope")
     assert status == 404
     assert body["error"] == "Not found"
-    assert body["available_endpoints"] == ["/api/health", "/api/prove"]
+    assert body["available_endpoints"] == ["/api/health", "/api/metrics", "/api/prove", "/api/vk"]
 
 
 @pytest.mark.parametrize("method, path, allow", [
@@ -98,7 +98,8 @@ def test_health_reports_bb(server, bb):
     status, headers, body = request_json(server.port, "GET", "/api/health")
     assert time.monotonic() - started < 5
     assert status == 200
-    assert set(body) == {"status", "architecture", "bb", "timestamp"}
+    assert set(body) == {"status", "architecture", "bb", "verifier_target", "timestamp"}
+    assert body["verifier_target"] is None  # bb's default (VERIFIER_TARGET unset)
     assert body["status"] == "ok"
     assert body["architecture"] == os.uname().machine
     assert body["bb"]["available"] is True
@@ -124,7 +125,7 @@ def test_access_log_line_per_request(server):
             break
         time.sleep(0.1)
     assert len(lines) == 1
-    assert re.search(rf"{rid} POST /api/prove 200 in={size} ms=\d+\.\d", lines[0])
+    assert re.search(rf"{rid} POST /api/prove 200 in={size} out=\d+ ms=\d+\.\d bb=0$", lines[0])
 
 
 def test_chunked_upload_is_proved(server, verify):
