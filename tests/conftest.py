@@ -194,7 +194,8 @@ class Server:
         raise AssertionError(f"server not ready in {timeout} s:\n{self.output()}")
 
     def output(self):
-        self.log.flush()
+        if not self.log.closed:
+            self.log.flush()
         with open(self.log_path, "rb") as f:
             return f.read().decode("utf-8", "replace")
 
