@@ -504,7 +504,6 @@ def create_app():
                                crs_dir=settings.BB_CRS_PATH, timeout=settings.PROVE_TIMEOUT_SECONDS,
                                verifier_target=settings.VERIFIER_TARGET)
     circuits = load_circuits(settings.CIRCUITS_DIR, make_prover) if settings.CIRCUITS_DIR else {}
-    os.makedirs(settings.WORK_DIR, exist_ok=True)
     return Worker(make_prover(settings.CIRCUIT_PATH), bbrunner.ProofSlots(settings.SLOTS_DIR,
                   settings.MAX_CONCURRENT_PROOFS), settings.WORK_DIR, settings.MAX_BODY_BYTES,
                   settings.MAX_WITNESS_BYTES, settings.QUEUE_TIMEOUT_SECONDS,

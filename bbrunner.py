@@ -267,10 +267,11 @@ class Prover:
                 elf = describe_elf(self.binary)
             except OSError as exc:
                 elf = f"{self.binary}: {exc.strerror}"
-            self._seen = (signature, self._read_version(), elf)
+            version = self._read_version()
+            if version is None:  # not cached: a passing failure (fork, load) must not stick
+                return False, None, f"{self.binary}: does not run (bb --version failed)"
+            self._seen = (signature, version, elf)
         _, version, elf = self._seen
-        if version is None:
-            return False, None, f"{self.binary}: does not run (bb --version failed)"
         return True, version, elf
 
     def binary_arch(self):
@@ -369,7 +370,11 @@ class Prover:
         code, _, err = run(argv, self.timeout)
         hide = (workdir, witness_path, self.circuit, vk, self.crs_dir or "")
         if code < 0:
-            raise ProverCrashed(code, f"bb was killed by signal {signal.Signals(-code).name}")
+            try:
+                name = signal.Signals(-code).name
+            except ValueError:  # real-time signals have no name
+                name = str(-code)
+            raise ProverCrashed(code, f"bb was killed by signal {name}")
         if code != 0:
             raise ProverFailed(code, failure_reason(err, hide))
         if UNSATISFIED_MARKER.encode() in err:
@@ -399,7 +404,7 @@ class ProofSlots:
     """
 
     def __init__(self, lock_dir, count, poll=0.02):
-        os.makedirs(lock_dir, exist_ok=True)
+        self.lock_dir = lock_dir  # created on first use
         self.paths = [os.path.join(lock_dir, f"slot-{i}.lock") for i in range(count)]
         self.poll = poll
 
@@ -411,7 +416,11 @@ class ProofSlots:
         deadline = time.monotonic() + timeout
         while True:
             for path in self.paths:
-                fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+                try:
+                    fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+                except FileNotFoundError:
+                    os.makedirs(self.lock_dir, exist_ok=True)
+                    fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
                 try:
                     fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
                 except BlockingIOError:

@@ -61,8 +61,12 @@ def npm_pack(version, workdir):
     return os.path.join(workdir, tarballs[0])
 
 
-def extract_bb(tarball, arch, dest):
-    """Copy package/build/<arch>-linux/bb out of `tarball` to `dest` (mode 0755), atomically."""
+def extract_bb(tarball, arch, dest, check_version=None):
+    """Copy package/build/<arch>-linux/bb out of `tarball` to `dest` (mode 0755), atomically.
+
+    With check_version, the new binary must report that version before it replaces
+    `dest`, so a failed upgrade never overwrites a bb that works.
+    """
     member = f"package/build/{arch}-linux/bb"
     with tarfile.open(tarball, "r:gz") as tar:
         try:
@@ -77,6 +81,11 @@ def extract_bb(tarball, arch, dest):
             with os.fdopen(fd, "wb") as out:
                 shutil.copyfileobj(source, out)
             os.chmod(tmp, 0o755)
+            if check_version is not None:
+                found = installed_version(tmp)
+                if not version_matches(found, check_version):
+                    raise InstallError(f"the extracted bb reports version {found!r}, expected "
+                                       f"{check_version}: it may need a newer glibc than this machine has")
             os.replace(tmp, dest)
         except BaseException:
             os.unlink(tmp)
@@ -93,14 +102,10 @@ def install(version, arch, dest, check=True):
         if version_matches(found, version):
             return f"bb {found} already at {dest}"
     with tempfile.TemporaryDirectory(prefix="bb-install-") as workdir:
-        extract_bb(npm_pack(version, workdir), arch, dest)
+        extract_bb(npm_pack(version, workdir), arch, dest, check_version=version if check else None)
     if not check:
         return f"bb {version} ({arch}) installed at {dest} (not run)"
-    found = installed_version(dest)
-    if not version_matches(found, version):
-        raise InstallError(f"{dest} reports version {found!r}, expected {version}: "
-                           "it may need a newer glibc than this machine has")
-    return f"bb {found} installed at {dest}"
+    return f"bb {installed_version(dest)} installed at {dest}"
 
 
 def main(argv=None):

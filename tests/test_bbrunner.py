@@ -1,0 +1,595 @@
+"""bbrunner without HTTP: bb's output, ELF headers, process groups, the version cache, the VK, slots."""
+import os
+import platform
+import shutil
+import signal
+import struct
+import subprocess
+import sys
+import time
+
+import gevent
+import pytest
+
+import bbrunner
+from conftest import CIRCUIT, FIXTURES, ROOT, expected, write_script
+
+NOISY_STDERR = (b"Scheme is: ultra_honk, num threads: 8 (mem: 5.1 MiB)\n"
+                b"CircuitProve: Proving key computed in 3 ms (mem: 6 MiB)\n"
+                b"Assertion failed: (witness.size() == 4)\n"
+                b"  Reason   : bad witness in /tmp/bb-proofs/abc.out/x (mem: 7.25 MiB)\n"
+                b"Proof saved to \"/tmp/bb-proofs/abc.out/proof\"\n")
+
+
+# ---------------------------------------------------------------- failure_reason
+
+def test_failure_reason_prefers_the_reason_line_without_mem_or_temp_paths():
+    reason = bbrunner.failure_reason(NOISY_STDERR, hide=("/tmp/bb-proofs/abc.out",))
+    assert reason == "bad witness in abc.out/x"
+
+
+def test_failure_reason_hides_the_longest_path_first():
+    stderr = b"Reason : cannot read /w/req.witness.gz or /w/req.out/vk\n"
+    assert bbrunner.failure_reason(stderr, hide=("/w", "/w/req.witness.gz", "/w/req.out", "")) == \
+        "cannot read req.witness.gz or req.out/vk"
+
+
+def test_failure_reason_falls_back_to_the_assertion_line():
+    stderr = b"Scheme is: ultra_honk\nAssertion failed: (a == b) (mem: 1 MiB)\nsomething after\n"
+    assert bbrunner.failure_reason(stderr) == "Assertion failed: (a == b)"
+
+
+def test_failure_reason_falls_back_to_the_last_line_that_is_not_noise():
+    stderr = (b"Scheme is: ultra_honk\nfirst problem\nACIR witness size 7 does not match 12 (mem: 9 MiB)\n"
+              b"\n   \nProof saved to \"/x/proof\"\nRun with --help for more information\n")
+    assert bbrunner.failure_reason(stderr) == "ACIR witness size 7 does not match 12"
+
+
+@pytest.mark.parametrize("stderr", [b"", b"\n\n  \n", b"Scheme is: ultra_honk (mem: 1 MiB)\nVK saved to x\n"])
+def test_failure_reason_without_useful_output(stderr):
+    assert bbrunner.failure_reason(stderr) == "no output"
+
+
+def test_failure_reason_is_capped_at_300_characters():
+    assert bbrunner.failure_reason(b"Reason : " + b"x" * 1000) == "x" * 300
+    assert len(bbrunner.failure_reason(b"y" * 5000 + b"\n")) == 300
+
+
+def test_failure_reason_survives_bytes_that_are_not_utf8():
+    reason = bbrunner.failure_reason(b"\xff\xfe broken \x80\n")
+    assert "broken" in reason and isinstance(reason, str)
+
+
+# ---------------------------------------------------------------- parse_public_inputs
+
+def test_parse_public_inputs_gives_0x_and_64_hex_digits_per_field():
+    data = bytes(31) + b"\x07" + bytes(range(32))
+    assert bbrunner.parse_public_inputs(data) == [
+        "0x" + "00" * 31 + "07", "0x" + bytes(range(32)).hex()]
+    assert bbrunner.parse_public_inputs(b"\xAB" * 32) == ["0x" + "ab" * 32]
+    assert bbrunner.parse_public_inputs(b"") == []
+
+
+@pytest.mark.parametrize("size", [1, 31, 33, 65])
+def test_parse_public_inputs_rejects_partial_fields(size):
+    with pytest.raises(ValueError, match=str(size)):
+        bbrunner.parse_public_inputs(bytes(size))
+
+
+# ---------------------------------------------------------------- describe_elf
+
+def elf64(machine, interpreter=None, e_type=2, osabi=0):
+    """A minimal little-endian ELF64 header, with a PT_INTERP program header if `interpreter`."""
+    ident = b"\x7fELF" + bytes([2, 1, 1, osabi]) + bytes(8)
+    phnum = 1 if interpreter else 0
+    data = ident + struct.pack("<HHIQQQIHHHHHH", e_type, machine, 1, 0x400000, 64 if phnum else 0,
+                               0, 0, 64, 56, phnum, 64, 0, 0)
+    if interpreter:
+        blob = interpreter.encode() + b"\0"
+        data += struct.pack("<IIQQQQQQ", 3, 4, 64 + 56, 0, 0, len(blob), len(blob), 1) + blob
+    return data
+
+
+def elf32_msb(machine, interpreter):
+    """A minimal big-endian ELF32 header with a PT_INTERP program header."""
+    ident = b"\x7fELF" + bytes([1, 2, 1, 0]) + bytes(8)
+    data = ident + struct.pack(">HHIIIIIHHHHHH", 2, machine, 1, 0x8000, 52, 0, 0, 52, 32, 1, 40, 0, 0)
+    blob = interpreter.encode() + b"\0"
+    return data + struct.pack(">IIIIIIII", 3, 52 + 32, 0, 0, len(blob), len(blob), 4, 1) + blob
+
+
+def test_describe_elf_of_the_real_bb_matches_file(bb):
+    ours = bbrunner.describe_elf(bb)
+    assert ours.startswith(f"{bb}: ELF 64-bit LSB executable, ")
+    if shutil.which("file"):
+        theirs = subprocess.run(["file", "-b", bb], capture_output=True, text=True, check=True).stdout
+        assert theirs.startswith(ours[len(bb) + 2:]), (ours, theirs)
+    if platform.machine() == "x86_64":
+        assert ours == (f"{bb}: ELF 64-bit LSB executable, x86-64, version 1 (SYSV), dynamically linked, "
+                        "interpreter /lib64/ld-linux-x86-64.so.2")
+
+
+@pytest.mark.skipif(not shutil.which("file"), reason="the `file` command is not installed")
+def test_describe_elf_matches_file_on_other_executables():
+    paths = {os.path.realpath(p) for p in (sys.executable, shutil.which("sh"), shutil.which("node")) if p}
+    for path in sorted(paths):
+        with open(path, "rb") as f:
+            if f.read(4) != b"\x7fELF":
+                continue
+        ours = bbrunner.describe_elf(path)
+        theirs = subprocess.run(["file", "-b", path], capture_output=True, text=True, check=True).stdout
+        assert theirs.startswith(ours[len(path) + 2:]), (ours, theirs)
+
+
+def test_describe_elf_of_an_arm64_header(tmp_path):
+    path = tmp_path / "bb-arm64"
+    path.write_bytes(elf64(183, "/lib/ld-linux-aarch64.so.1"))
+    assert bbrunner.describe_elf(str(path)) == (
+        f"{path}: ELF 64-bit LSB executable, ARM aarch64, version 1 (SYSV), dynamically linked, "
+        "interpreter /lib/ld-linux-aarch64.so.1")
+
+
+def test_describe_elf_of_static_pie_and_32_bit_big_endian_headers(tmp_path):
+    static = tmp_path / "static"
+    static.write_bytes(elf64(62, osabi=3))
+    assert bbrunner.describe_elf(str(static)) == \
+        f"{static}: ELF 64-bit LSB executable, x86-64, version 1 (GNU/Linux), statically linked"
+    pie = tmp_path / "pie"
+    pie.write_bytes(elf64(62, "/lib64/ld-linux-x86-64.so.2", e_type=3))
+    assert bbrunner.describe_elf(str(pie)).startswith(f"{pie}: ELF 64-bit LSB pie executable, x86-64, ")
+    mips = tmp_path / "mips"
+    mips.write_bytes(elf32_msb(8, "/lib/ld.so.1"))
+    assert bbrunner.describe_elf(str(mips)) == (
+        f"{mips}: ELF 32-bit MSB executable, machine 8, version 1 (SYSV), dynamically linked, "
+        "interpreter /lib/ld.so.1")
+
+
+@pytest.mark.parametrize("content", [b"#!/bin/sh\necho hi\n", b"", b"\x7fELF", b"\x7fELF" + bytes(60),
+                                     b"MZ" + bytes(100)], ids=["script", "empty", "magic-only", "bad-class", "pe"])
+def test_describe_elf_of_a_file_that_is_not_elf(tmp_path, content):
+    path = tmp_path / "thing"
+    path.write_bytes(content)
+    assert bbrunner.describe_elf(str(path)) == f"{path}: not an ELF file"
+
+
+def test_describe_elf_of_a_missing_file_raises_oserror(tmp_path):
+    with pytest.raises(OSError):
+        bbrunner.describe_elf(str(tmp_path / "missing"))
+
+
+# ---------------------------------------------------------------- run()
+
+def alive(pid):
+    """True if `pid` exists and is not a zombie."""
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().rsplit(")", 1)[1].split()[0] != "Z"
+    except OSError:
+        return False
+
+
+SPAWNER = """\
+#!/bin/sh
+# A child that leaves a grandchild holding the output pipes, then waits.
+sleep 300 &
+echo $! > "$1.tmp"
+echo $$ >> "$1.tmp"
+mv "$1.tmp" "$1"
+sleep 300
+"""
+
+
+def read_pids(pidfile, timeout=5):
+    deadline = time.monotonic() + timeout
+    while not os.path.exists(pidfile):
+        assert time.monotonic() < deadline, "the spawner did not start"
+        time.sleep(0.01)
+    with open(pidfile) as f:
+        return [int(line) for line in f.read().split()]
+
+
+def test_run_returns_code_stdout_stderr_with_no_stdin():
+    code, out, err = bbrunner.run(["sh", "-c", "cat; echo out; echo err >&2; exit 3"], 10)
+    assert (code, out, err) == (3, b"out\n", b"err\n")
+
+
+def test_run_starts_the_child_in_its_own_session():
+    code, out, _ = bbrunner.run([sys.executable, "-c", "import os; print(os.getsid(0), os.getpid())"], 30)
+    sid, pid = out.split()
+    assert code == 0 and sid == pid
+    assert int(sid) != os.getsid(0)
+
+
+def test_run_timeout_kills_the_whole_group_including_a_grandchild(tmp_path):
+    script = write_script(tmp_path / "spawner", SPAWNER)
+    pidfile = str(tmp_path / "pids")
+    started = time.monotonic()
+    with pytest.raises(bbrunner.ProverTimeout, match="within 1 s"):
+        bbrunner.run([script, pidfile], 1)
+    assert time.monotonic() - started < 4
+    grandchild, child = read_pids(pidfile)
+    deadline = time.monotonic() + 2
+    while (alive(grandchild) or alive(child)) and time.monotonic() < deadline:
+        time.sleep(0.02)
+    assert not alive(child), "the child survived"
+    assert not alive(grandchild), "the grandchild survived"
+
+
+def test_a_gevent_timeout_around_run_kills_the_group_too(tmp_path):
+    script = write_script(tmp_path / "spawner", SPAWNER)
+    pidfile = str(tmp_path / "pids")
+    with pytest.raises(gevent.Timeout):
+        with gevent.Timeout(1):
+            bbrunner.run([script, pidfile], 60)
+    grandchild, child = read_pids(pidfile)
+    deadline = time.monotonic() + 2
+    while (alive(grandchild) or alive(child)) and time.monotonic() < deadline:
+        time.sleep(0.02)
+    assert not alive(child) and not alive(grandchild)
+
+
+def test_run_of_a_missing_program_is_unavailable(tmp_path):
+    with pytest.raises(bbrunner.ProverUnavailable, match="cannot run missing-bb"):
+        bbrunner.run([str(tmp_path / "missing-bb"), "--version"], 5)
+
+
+def test_run_of_a_file_that_is_not_executable_is_unavailable(tmp_path):
+    path = tmp_path / "bb"
+    path.write_text("#!/bin/sh\necho hi\n")
+    path.chmod(0o644)
+    with pytest.raises(bbrunner.ProverUnavailable):
+        bbrunner.run([str(path)], 5)
+
+
+# ---------------------------------------------------------------- Prover.status
+
+VERSION_SCRIPT = """\
+#!/bin/sh
+echo call >> "{counter}"
+if [ "$1" = "--version" ]; then echo "{version}"; exit 0; fi
+exit 1
+"""
+
+
+def make_prover(binary, tmp_path, crs_dir=None, **options):
+    """The one place a Prover is built in this file."""
+    return bbrunner.Prover(binary, CIRCUIT, str(tmp_path / "vk-cache"), crs_dir=crs_dir, **options)
+
+
+def calls(counter):
+    return len(counter.read_text().splitlines()) if counter.exists() else 0
+
+
+def fake_version_bb(path, counter, version="5.0.0-fake"):
+    return write_script(path, VERSION_SCRIPT.format(counter=counter, version=version))
+
+
+def test_status_runs_version_once_and_again_when_bb_changes(tmp_path):
+    counter = tmp_path / "count"
+    binary = fake_version_bb(tmp_path / "bb", counter)
+    prover = make_prover(binary, tmp_path)
+    assert prover.status() == (True, "5.0.0-fake", f"{binary}: not an ELF file")
+    assert prover.status()[:2] == (True, "5.0.0-fake")
+    assert prover.binary_arch() == f"{binary}: not an ELF file"
+    assert prover.version() == "5.0.0-fake"
+    assert calls(counter) == 1
+
+    st = os.stat(binary)
+    os.utime(binary, ns=(st.st_atime_ns, st.st_mtime_ns + 2_000_000_000))  # touch
+    assert prover.status()[:2] == (True, "5.0.0-fake")
+    assert calls(counter) == 2
+
+    new = fake_version_bb(tmp_path / "bb.new", counter, version="5.0.1-fake")
+    os.replace(new, binary)
+    assert prover.status()[:2] == (True, "5.0.1-fake")
+    assert prover.status()[:2] == (True, "5.0.1-fake")
+    assert calls(counter) == 3
+
+
+def test_status_of_a_missing_or_non_executable_bb(tmp_path):
+    binary = tmp_path / "bb"
+    prover = make_prover(str(binary), tmp_path)
+    available, version, detail = prover.status()
+    assert (available, version) == (False, None)
+    assert detail == f"{binary}: No such file or directory"
+    with pytest.raises(bbrunner.ProverUnavailable):
+        prover.version()
+
+    fake_version_bb(binary, tmp_path / "count")
+    binary.chmod(0o644)
+    assert prover.status() == (False, None, f"{binary}: not executable")
+    binary.chmod(0o755)
+    assert prover.status()[:2] == (True, "5.0.0-fake")  # appears later: picked up
+
+
+def test_status_of_a_bb_that_does_not_run(tmp_path):
+    binary = write_script(tmp_path / "bb", "#!/bin/sh\necho 'GLIBC_2.38 not found' >&2\nexit 1\n")
+    available, version, detail = make_prover(binary, tmp_path).status()
+    assert (available, version) == (False, None)
+    assert "does not run" in detail
+
+
+def test_status_recovers_after_a_transient_version_failure(tmp_path):
+    """BUG: a failed `bb --version` is cached until bb's file changes, so one transient
+    failure (fork EAGAIN, a slow start under load) keeps /api/health at 503 and every
+    proof at 500 until a restart."""
+    marker = tmp_path / "failed-once"
+    binary = write_script(tmp_path / "bb", f"""\
+        #!/bin/sh
+        if [ ! -e "{marker}" ]; then touch "{marker}"; exit 1; fi
+        echo 5.0.0-fake
+        """)
+    prover = make_prover(binary, tmp_path)
+    assert prover.status()[0] is False
+    deadline = time.monotonic() + 3
+    while not prover.status()[0] and time.monotonic() < deadline:
+        time.sleep(0.1)
+    assert prover.status()[:2] == (True, "5.0.0-fake")
+
+
+# ---------------------------------------------------------------- the verification key
+
+@pytest.fixture
+def count_runs(monkeypatch):
+    """Wrap bbrunner.run; returns the list of argv[1] of every bb run since."""
+    seen = []
+    real = bbrunner.run
+
+    def run(argv, timeout):
+        seen.append(argv[1])
+        return real(argv, timeout)
+    monkeypatch.setattr(bbrunner, "run", run)
+    return seen
+
+
+def test_ensure_vk_writes_the_real_vk_once(bb, crs_dir, reference_vk, tmp_path, count_runs):
+    prover = make_prover(bb, tmp_path, crs_dir)
+    vk = prover.ensure_vk()
+    assert vk.startswith(str(tmp_path / "vk-cache"))
+    with open(vk, "rb") as f, open(reference_vk, "rb") as g:
+        assert f.read() == g.read()
+    first = os.stat(vk)
+    assert prover.ensure_vk() == vk
+    assert make_prover(bb, tmp_path, crs_dir).ensure_vk() == vk  # a new Prover finds the cache
+    assert count_runs.count("write_vk") == 1
+    assert os.stat(vk).st_mtime_ns == first.st_mtime_ns and os.stat(vk).st_ino == first.st_ino
+    assert sorted(os.listdir(tmp_path / "vk-cache")) == [".lock", os.path.basename(os.path.dirname(vk))]
+
+
+def test_ensure_vk_depends_on_the_verifier_target(bb, crs_dir, tmp_path):
+    default = make_prover(bb, tmp_path, crs_dir).vk_dir()
+    evm = make_prover(bb, tmp_path, crs_dir, verifier_target="evm").vk_dir()
+    assert default != evm
+
+
+def test_concurrent_ensure_vk_in_greenlets_runs_bb_once(bb, crs_dir, tmp_path, count_runs):
+    prover = make_prover(bb, tmp_path, crs_dir)
+    greenlets = [gevent.spawn(prover.ensure_vk) for _ in range(6)]
+    gevent.joinall(greenlets, timeout=60, raise_error=True)
+    assert len({g.value for g in greenlets}) == 1
+    assert os.path.getsize(greenlets[0].value) > 0
+    assert count_runs.count("write_vk") == 1
+
+
+VK_RACER = """\
+import os, sys, time
+sys.path.insert(0, {root!r})
+import bbrunner
+binary, circuit, cache, crs, log, go = sys.argv[1:]
+real = bbrunner.run
+def run(argv, timeout):
+    if argv[1] == "write_vk":
+        with open(log, "a") as f:
+            f.write(f"{{os.getpid()}}\\n")
+        time.sleep(0.3)  # widen the window in which the others race
+    return real(argv, timeout)
+bbrunner.run = run
+prover = bbrunner.Prover(binary, circuit, cache, crs_dir=crs or None)
+while not os.path.exists(go):
+    time.sleep(0.005)
+print(prover.ensure_vk())
+"""
+
+
+def test_concurrent_ensure_vk_in_processes_runs_bb_once(bb, crs_dir, tmp_path):
+    script = tmp_path / "racer.py"
+    script.write_text(VK_RACER.format(root=ROOT))
+    log, go = tmp_path / "write_vk.log", tmp_path / "go"
+    procs = [subprocess.Popen([sys.executable, str(script), bb, CIRCUIT, str(tmp_path / "vk-cache"),
+                               crs_dir or "", str(log), str(go)], stdout=subprocess.PIPE,
+                              stderr=subprocess.PIPE, text=True) for _ in range(3)]
+    go.touch()
+    results = [p.communicate(timeout=60) for p in procs]
+    assert [p.returncode for p in procs] == [0, 0, 0], results
+    assert len({out.strip() for out, _ in results}) == 1
+    assert os.path.getsize(results[0][0].strip()) > 0
+    assert len(log.read_text().splitlines()) == 1
+
+
+def test_failed_write_vk_is_crashed_and_leaves_no_temp_dir(tmp_path):
+    binary = write_script(tmp_path / "bb", """\
+        #!/bin/sh
+        if [ "$1" = "--version" ]; then echo 5.0.0-fake; exit 0; fi
+        echo "Reason : out of memory (mem: 9 MiB)" >&2
+        exit 2
+        """)
+    prover = make_prover(binary, tmp_path)
+    with pytest.raises(bbrunner.ProverCrashed, match="bb write_vk failed: out of memory$"):
+        prover.ensure_vk()
+    assert os.listdir(tmp_path / "vk-cache") == [".lock"]
+
+
+# ---------------------------------------------------------------- proving with the real bb
+
+def test_prove_with_the_real_bb_gives_a_proof_bb_verifies(bb, crs_dir, tmp_path, verify):
+    prover = make_prover(bb, tmp_path, crs_dir)
+    out = tmp_path / "out"
+    out.mkdir()
+    proof = prover.prove(os.path.join(FIXTURES, "valid_1.gz"), str(out))
+    assert proof.public_inputs == expected()["valid_1.gz"]["public_inputs"]
+    assert verify(proof.proof, proof.public_inputs)
+
+
+@pytest.mark.parametrize("name, words", [
+    ("unsatisfied.gz", "the witness does not satisfy the circuit's constraints"),
+    ("other_circuit.gz", "ACIR witness size"),
+])
+def test_prove_with_the_real_bb_rejects_bad_witnesses(bb, crs_dir, tmp_path, name, words):
+    prover = make_prover(bb, tmp_path, crs_dir)
+    out = tmp_path / "out"
+    out.mkdir()
+    with pytest.raises(bbrunner.ProverFailed) as info:
+        prover.prove(os.path.join(FIXTURES, name), str(out))
+    assert words in info.value.reason
+    assert str(tmp_path) not in info.value.reason
+
+
+def fake_prove_bb(tmp_path, body):
+    return write_script(tmp_path / "bb", f"""\
+        #!{sys.executable}
+        import os, signal, sys
+        args = sys.argv[1:]
+        if args == ["--version"]:
+            print("5.0.0-fake"); sys.exit(0)
+        out = args[args.index("-o") + 1]
+        if args[0] == "write_vk":
+            os.makedirs(out, exist_ok=True)
+            open(os.path.join(out, "vk"), "wb").write(b"vk")
+            sys.exit(0)
+        {body}
+        """)
+
+
+@pytest.mark.parametrize("sig", [signal.SIGSEGV, signal.SIGKILL, signal.SIGRTMIN + 6])
+def test_bb_killed_by_a_signal_is_crashed(tmp_path, sig):
+    """BUG for real-time signals: signal.Signals(-code) raises ValueError for numbers that
+    are not enum members (e.g. 40), which app.py answers as a generic 500."""
+    binary = fake_prove_bb(tmp_path, f"os.kill(os.getpid(), {int(sig)})")
+    out = tmp_path / "out"
+    out.mkdir()
+    with pytest.raises(bbrunner.ProverCrashed, match="killed by signal") as info:
+        make_prover(binary, tmp_path).prove(str(tmp_path / "w.gz"), str(out))
+    assert info.value.returncode == -int(sig)
+
+
+@pytest.mark.parametrize("body", ["sys.exit(0)", "open(os.path.join(out, 'proof'), 'wb').write(b'p'); "
+                                  "open(os.path.join(out, 'public_inputs'), 'wb').write(b'x' * 33)"],
+                         ids=["no-output", "bad-public-inputs"])
+def test_bb_exiting_0_without_usable_output_is_crashed(tmp_path, body):
+    binary = fake_prove_bb(tmp_path, body)
+    out = tmp_path / "out"
+    out.mkdir()
+    with pytest.raises(bbrunner.ProverCrashed, match="without usable output"):
+        make_prover(binary, tmp_path).prove(str(tmp_path / "w.gz"), str(out))
+
+
+# ---------------------------------------------------------------- ProofSlots
+
+HOLDER = """\
+import sys, time
+sys.path.insert(0, {root!r})
+import bbrunner
+lock_dir, count, timeout, hold, log = sys.argv[1:]
+slots = bbrunner.ProofSlots(lock_dir, int(count))
+try:
+    with slots.acquire(float(timeout)):
+        start = time.time()
+        print("held", flush=True)
+        time.sleep(float(hold))
+        end = time.time()
+except bbrunner.SlotTimeout:
+    print("timeout", flush=True)
+    sys.exit(3)
+with open(log, "a") as f:
+    f.write(f"{{start}} {{end}}\\n")
+"""
+
+
+@pytest.fixture
+def holder(tmp_path):
+    """holder(timeout, hold, count=1) -> a started process that holds a slot in tmp_path/slots."""
+    script = tmp_path / "holder.py"
+    script.write_text(HOLDER.format(root=ROOT))
+    procs = []
+
+    def start(timeout, hold, count=1):
+        proc = subprocess.Popen([sys.executable, str(script), str(tmp_path / "slots"), str(count),
+                                 str(timeout), str(hold), str(tmp_path / "held.log")],
+                                stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        procs.append(proc)
+        return proc
+
+    yield start
+    for proc in procs:
+        if proc.poll() is None:
+            proc.kill()
+        proc.communicate(timeout=10)
+
+
+def test_one_slot_is_held_by_one_process_at_a_time(holder, tmp_path):
+    procs = [holder(timeout=20, hold=0.3) for _ in range(3)]
+    for proc in procs:
+        proc.wait(timeout=30)
+    assert [p.returncode for p in procs] == [0, 0, 0]
+    spans = sorted(tuple(map(float, line.split())) for line in (tmp_path / "held.log").read_text().splitlines())
+    assert len(spans) == 3
+    for (_, end), (start, _) in zip(spans, spans[1:]):
+        assert start >= end, f"overlapping holders: {spans}"
+
+
+def test_a_held_slot_times_out_other_processes_and_is_freed_by_sigkill(holder, tmp_path):
+    first = holder(timeout=5, hold=300)
+    assert first.stdout.readline() == "held\n"
+    slots = bbrunner.ProofSlots(str(tmp_path / "slots"), 1)
+    with pytest.raises(bbrunner.SlotTimeout):
+        with slots.acquire(0.2):
+            pass
+    second = holder(timeout=0.2, hold=0)
+    assert second.wait(timeout=30) == 3
+
+    first.send_signal(signal.SIGKILL)
+    first.wait(timeout=10)
+    started = time.monotonic()
+    with slots.acquire(1):
+        assert time.monotonic() - started < 0.5
+
+
+def test_acquire_times_out_after_the_timeout(tmp_path):
+    slots = bbrunner.ProofSlots(str(tmp_path / "slots"), 1)
+    with slots.acquire(1):
+        started = time.monotonic()
+        with pytest.raises(bbrunner.SlotTimeout, match="0.3 s"):
+            with slots.acquire(0.3):
+                pytest.fail("got a held slot")
+        assert 0.3 <= time.monotonic() - started < 1.5
+
+
+def test_count_slots_are_shared_and_released_on_error(tmp_path):
+    slots = bbrunner.ProofSlots(str(tmp_path / "slots"), 2)
+    other = bbrunner.ProofSlots(str(tmp_path / "slots"), 2)  # e.g. another worker process
+    with slots.acquire(1), other.acquire(1):
+        with pytest.raises(bbrunner.SlotTimeout):
+            with slots.acquire(0.1):
+                pass
+    with pytest.raises(ZeroDivisionError):
+        with slots.acquire(1), other.acquire(1):
+            1 / 0
+    with slots.acquire(0), other.acquire(0):
+        pass
+
+
+def test_a_waiting_greenlet_gets_the_slot_when_it_is_released(tmp_path):
+    slots = bbrunner.ProofSlots(str(tmp_path / "slots"), 1)
+    order = []
+
+    def job(name, hold):
+        with slots.acquire(5):
+            order.append(f"{name} in")
+            gevent.sleep(hold)
+            order.append(f"{name} out")
+
+    first = gevent.spawn(job, "a", 0.2)
+    gevent.sleep(0.05)
+    second = gevent.spawn(job, "b", 0)
+    gevent.joinall([first, second], timeout=10, raise_error=True)
+    assert order == ["a in", "a out", "b in", "b out"]
