@@ -2,8 +2,11 @@
 
 Drop-in for the Rust/Axum proving worker: same endpoints, same JSON.
 
-    POST /api/prove    body: gzipped witness -> {"success": true, "proof": <base64>, "publicInputs": [...]}
-    GET  /api/health   -> {"status", "architecture", "bb": {...}, "timestamp"}
+    POST /api/prove[/<circuit>]  gzipped witness -> {"success": true, "proof": <base64>, "publicInputs": [...]}
+                                 (or the raw proof when Accept prefers application/octet-stream)
+    GET  /api/health             -> {"status", "architecture", "bb": {...}, "verifier_target", "timestamp"}
+    GET  /api/vk[/<circuit>]     -> {"vk": <base64>, "vk_hash", "bb_version", "verifier_target", "circuit"}
+    GET  /api/metrics            -> Prometheus text format
 
 Errors answer {"error": <title>, "message": <detail>}. Serve it with gunicorn and
 the gevent worker (gunicorn.conf.py); bbrunner.py runs bb, settings.py holds the config.
@@ -22,6 +25,7 @@ import uuid
 import zlib
 from collections import namedtuple
 from datetime import datetime, timezone
+from http import HTTPStatus
 
 import gevent
 
@@ -96,10 +100,12 @@ def prover_error(exc):
     return HTTPError(f"bb crashed: {exc}")
 
 
-STATUS_TEXT = {200: "OK", 304: "Not Modified", 400: "Bad Request", 404: "Not Found", 405: "Method Not Allowed",
-               408: "Request Timeout", 413: "Payload Too Large", 422: "Unprocessable Entity",
-               499: "Client Closed Request", 500: "Internal Server Error",
-               503: "Service Unavailable", 504: "Gateway Timeout"}
+def status_line(code):
+    """"200 OK" etc.; 499 is nginx's "client closed request", which only the access log sees."""
+    try:
+        return f"{code} {HTTPStatus(code).phrase}"
+    except ValueError:
+        return f"{code} Client Closed Request"
 
 
 # ---------------------------------------------------------------- request body
@@ -137,18 +143,16 @@ class WitnessSink:
     def _inflate(self, data):
         try:
             while data:
-                if self._gzip.eof:  # a further gzip member follows
-                    data = self._gzip.unused_data + data
-                    self._gzip = zlib.decompressobj(16 + zlib.MAX_WBITS)
                 out = self._gzip.decompress(data, CHUNK_BYTES * 4)
                 self.inflated += len(out)
                 if self.inflated > self.max_witness:
                     raise PayloadTooLarge(f"witness exceeds {self.max_witness} bytes decompressed")
-                data = self._gzip.unconsumed_tail
-                if self._gzip.eof:
-                    data = self._gzip.unused_data + data
+                if self._gzip.eof:  # end of a gzip member: whatever follows starts another
+                    data = self._gzip.unused_data
                     if data:
                         self._gzip = zlib.decompressobj(16 + zlib.MAX_WBITS)
+                else:
+                    data = self._gzip.unconsumed_tail
                 if out:
                     gevent.sleep(0)  # a gzip bomb must not starve other requests
         except zlib.error as exc:
@@ -296,7 +300,7 @@ class Worker:
             reply = json_reply(500, {"error": HTTPError.title, "message": "unexpected server error"})
         headers = [("Content-Type", reply.content_type), ("Content-Length", str(len(reply.body))),
                    ("X-Request-Id", request_id)] + reply.headers
-        start_response(f"{reply.status} {STATUS_TEXT.get(reply.status, 'Unknown')}", headers)
+        start_response(status_line(reply.status), headers)
         fields = {"request_id": request_id, "method": method, "path": path, "status": reply.status,
                   "bytes_in": environ.get("bb_worker.bytes_in", 0), "bytes_out": len(reply.body),
                   "duration_ms": round((time.monotonic() - started) * 1000, 1),

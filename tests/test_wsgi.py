@@ -428,3 +428,23 @@ def test_stalled_upload_is_408(app, prover, work_dir):
     assert time.monotonic() - started < 3
     assert prover.calls == []
     assert os.listdir(work_dir) == []
+
+
+@pytest.mark.parametrize("split", [1, 10, None])
+def test_multi_member_gzip_is_one_witness(app, tmp_path, split):
+    a, b = gzip.compress(b"first" * 100), gzip.compress(b"second" * 100)
+    data = a + b
+    sink = app.WitnessSink(str(tmp_path / "w.gz"), 10_000, 10_000)
+    cut = len(a) if split is None else split  # None: the chunk ends exactly at the member boundary
+    sink.write(data[:cut])
+    sink.write(data[cut:])
+    sink.finish()
+    assert sink.inflated == 1100
+    assert (tmp_path / "w.gz").read_bytes() == data
+
+
+def test_garbage_after_a_gzip_member_is_400(app, tmp_path):
+    sink = app.WitnessSink(str(tmp_path / "w.gz"), 10_000, 10_000)
+    with pytest.raises(app.BadRequest, match="not valid gzip"):
+        sink.write(gzip.compress(b"x" * 100) + b"garbage!")
+    sink.close()
