@@ -1,0 +1,122 @@
+// Cloudflare Worker in front of bb-worker containers: the same routes and timeouts
+// as the Rust worker's setup it replaces (Hono app under /api, CORS, 120 s for
+// proofs, 30 s for the rest), forwarding every /api/* request to a container.
+//
+// The container is the image built from ../../Dockerfile (linux/amd64). It is
+// stateless: requests are spread over CONTAINER_INSTANCES instances (at most
+// max_instances in wrangler.jsonc); each proves MAX_CONCURRENT_PROOFS at once and
+// queues the rest for up to QUEUE_TIMEOUT_SECONDS (then answers 503 + Retry-After).
+import { Container, getRandom } from "@cloudflare/containers";
+import { Hono } from "hono";
+import type { Context } from "hono";
+import { cors } from "hono/cors";
+import { logger } from "hono/logger";
+
+// ---------------------------------------------------------------- container settings
+// Passed to the container as environment variables (see the README's settings).
+const PROVE_TIMEOUT_SECONDS = 90; // bb's deadline per proof
+const QUEUE_TIMEOUT_SECONDS = 30; // wait for a free proof slot
+const MAX_CONCURRENT_PROOFS = 1; // bb processes per container (bb uses every core)
+
+// Requests spread over this many container instances (<= max_instances in wrangler.jsonc).
+const CONTAINER_INSTANCES = 5;
+
+// ---------------------------------------------------------------- Worker timeouts
+// A proof may wait for a slot, then run: QUEUE + PROVE = 120 s, the Rust setup's
+// prove timeout. Past it the container has already answered 503 or 504 itself.
+const PROVE_ROUTE_TIMEOUT_MS = (QUEUE_TIMEOUT_SECONDS + PROVE_TIMEOUT_SECONDS) * 1000;
+const OTHER_ROUTE_TIMEOUT_MS = 30_000;
+
+export class BbWorkerContainer extends Container<Env> {
+  defaultPort = 8080; // the image's PORT / EXPOSE
+  sleepAfter = "5m"; // stop an idle instance after 5 minutes (in-flight proofs keep it up)
+  enableInternet = false; // the image carries bb, the VK and the CRS: no downloads at run time
+  pingEndpoint = "localhost/api/health";
+  envVars = {
+    PROVE_TIMEOUT_SECONDS: String(PROVE_TIMEOUT_SECONDS),
+    QUEUE_TIMEOUT_SECONDS: String(QUEUE_TIMEOUT_SECONDS),
+    MAX_CONCURRENT_PROOFS: String(MAX_CONCURRENT_PROOFS),
+    WEB_CONCURRENCY: "1",
+  };
+
+  override onStart(): void {
+    console.log("bb-worker container started");
+  }
+
+  override onStop(): void {
+    console.log("bb-worker container stopped");
+  }
+
+  override onError(error: unknown): unknown {
+    console.log("bb-worker container error:", error instanceof Error ? error.message : String(error));
+    throw error;
+  }
+}
+
+export interface Env {
+  BB_WORKER: DurableObjectNamespace<BbWorkerContainer>;
+}
+
+const app = new Hono<{ Bindings: Env }>().basePath("/api");
+
+app.use("*", logger());
+app.use(
+  "*",
+  cors({
+    origin: "*",
+    allowMethods: ["GET", "HEAD", "POST", "OPTIONS"],
+    allowHeaders: ["Content-Type", "Content-Encoding", "Accept", "Authorization"],
+    exposeHeaders: ["Content-Length", "X-Request-Id", "Retry-After"],
+    maxAge: 86400,
+  }),
+);
+
+// GET /api: what this service offers (answered by the Worker, as in the Rust setup).
+app.get("/", (c) =>
+  c.json({
+    name: "Noir ZK Proof Service",
+    runtime: "Python + Barretenberg CLI (bb-worker)",
+    endpoints: {
+      "POST /api/prove": "Generate a ZK proof from a gzipped witness",
+      "GET /api/health": "Health check",
+    },
+  }),
+);
+
+function isProveRoute(path: string): boolean {
+  return path === "/api/prove" || path.startsWith("/api/prove/");
+}
+
+// Every other /api/* request goes to a container: /api/prove, /api/health and
+// whatever else the container serves (its 404 and 405 answers included).
+app.all("/*", async (c: Context<{ Bindings: Env }>) => {
+  const path = new URL(c.req.url).pathname;
+  const timeoutMs = isProveRoute(path) ? PROVE_ROUTE_TIMEOUT_MS : OTHER_ROUTE_TIMEOUT_MS;
+  let timer: ReturnType<typeof setTimeout> | undefined;
+  const expired = new Promise<"timeout">((resolve) => {
+    timer = setTimeout(() => resolve("timeout"), timeoutMs);
+  });
+  try {
+    const container = await getRandom(c.env.BB_WORKER, CONTAINER_INSTANCES);
+    const answer = await Promise.race([container.fetch(c.req.raw), expired]);
+    if (answer === "timeout") {
+      const title = isProveRoute(path) ? "Proof generation timed out" : "Gateway timeout";
+      return c.json({ error: title, message: `no answer from the container within ${timeoutMs / 1000} s` }, 504);
+    }
+    return answer;
+  } catch (error) {
+    const message = error instanceof Error ? error.message : String(error);
+    console.error(`${c.req.method} ${path}: container unreachable: ${message}`);
+    c.header("Retry-After", "5");
+    return c.json({ error: "Service unavailable", message: `container unreachable: ${message}` }, 503);
+  } finally {
+    if (timer !== undefined) clearTimeout(timer);
+  }
+});
+
+app.onError((err, c) => {
+  console.error("Worker error:", err.message);
+  return c.json({ error: "Internal server error", message: err.message }, 500);
+});
+
+export default app;

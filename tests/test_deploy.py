@@ -1,0 +1,276 @@
+"""deploy/: the Kubernetes manifests and the Cloudflare Containers example parse,
+validate, and agree with the image and the server's settings.
+
+- Every YAML and JSON(C) file parses; the Kubernetes objects validate (strictly:
+  no unknown field) against the schemas of Kubernetes 1.29 and of the newest
+  release kubernetes-validate knows.
+- The Deployment: probes on /api/health at the image's port, a grace period above
+  gunicorn's graceful_timeout for the same environment, non-root as the image's
+  uid, read-only root with /tmp (the image's TMPDIR) writable, CPU requests =
+  limits and bb's thread count tied to the limit; the Service, HPA and PDB select
+  it consistently.
+- The Worker: forwards /api/* with the Rust setup's timeouts (120 s for proofs,
+  30 s otherwise), which cover the container's queue + prove deadlines; it talks
+  to the image's port, and its wrangler config builds this repo's Dockerfile.
+"""
+import glob
+import json
+import os
+import re
+import subprocess
+import sys
+
+import kubernetes_validate
+import pytest
+import yaml
+
+from conftest import ROOT
+from test_image import IMAGE_UID, load, runtime_config
+
+DEPLOY = os.path.join(ROOT, "deploy")
+K8S = os.path.join(DEPLOY, "k8s")
+CLOUDFLARE = os.path.join(DEPLOY, "cloudflare")
+K8S_VERSIONS = ("1.29.0", kubernetes_validate.latest_version())
+
+
+def read(path):
+    with open(path) as f:
+        return f.read()
+
+
+def k8s_objects():
+    """{kind: object} of the manifests kustomization.yaml lists."""
+    kustomization = yaml.safe_load(read(os.path.join(K8S, "kustomization.yaml")))
+    objects = {}
+    for name in kustomization["resources"]:
+        for doc in yaml.safe_load_all(read(os.path.join(K8S, name))):
+            assert doc["kind"] not in objects, f"two {doc['kind']} objects"
+            objects[doc["kind"]] = doc
+    return objects
+
+
+def strip_jsonc(text):
+    """JSON with // and /* */ comments and trailing commas (wrangler.jsonc) -> JSON text."""
+    out, i, quoted = [], 0, False
+    while i < len(text):
+        ch = text[i]
+        if quoted:
+            out.append(ch)
+            if ch == "\\":
+                out.append(text[i + 1])
+                i += 1
+            elif ch == '"':
+                quoted = False
+        elif ch == '"':
+            quoted = True
+            out.append(ch)
+        elif text.startswith("//", i):
+            i = text.find("\n", i) - 1 if "\n" in text[i:] else len(text)
+        elif text.startswith("/*", i):
+            i = text.index("*/", i) + 1
+        else:
+            out.append(ch)
+        i += 1
+    return re.sub(r",(\s*[}\]])", r"\1", "".join(out))
+
+
+def settings_for(env, tmp_path):
+    """(settings defaults..., graceful_timeout) that gunicorn.conf.py computes for `env`."""
+    script = ("import json, runpy, settings; ns = runpy.run_path('gunicorn.conf.py'); print(json.dumps({"
+              "'graceful_timeout': ns['graceful_timeout'], 'PORT': settings.PORT, "
+              "'PROVE_TIMEOUT_SECONDS': settings.PROVE_TIMEOUT_SECONDS, "
+              "'QUEUE_TIMEOUT_SECONDS': settings.QUEUE_TIMEOUT_SECONDS, "
+              "'MAX_CONCURRENT_PROOFS': settings.MAX_CONCURRENT_PROOFS}))")
+    clean = {k: v for k, v in os.environ.items() if k not in (
+        "PORT", "PROVE_TIMEOUT_SECONDS", "QUEUE_TIMEOUT_SECONDS", "MAX_CONCURRENT_PROOFS", "WEB_CONCURRENCY")}
+    proc = subprocess.run([sys.executable, "-c", script], cwd=ROOT, capture_output=True, text=True, timeout=60,
+                          env=dict(clean, TMPDIR=str(tmp_path), **env))
+    assert proc.returncode == 0, proc.stderr
+    return json.loads(proc.stdout)
+
+
+# ---------------------------------------------------------------- parsing
+
+@pytest.mark.parametrize("path", sorted(glob.glob(os.path.join(DEPLOY, "**", "*.y*ml"), recursive=True)),
+                         ids=lambda p: os.path.relpath(p, DEPLOY))
+def test_yaml_parses(path):
+    docs = [d for d in yaml.safe_load_all(read(path)) if d is not None]
+    assert docs and all(isinstance(d, dict) for d in docs)
+
+
+@pytest.mark.parametrize("path", sorted(glob.glob(os.path.join(DEPLOY, "**", "*.json*"), recursive=True)),
+                         ids=lambda p: os.path.relpath(p, DEPLOY))
+def test_json_parses(path):
+    text = read(path)
+    assert isinstance(json.loads(strip_jsonc(text) if path.endswith(".jsonc") else text), dict)
+
+
+@pytest.mark.parametrize("version", K8S_VERSIONS)
+def test_manifests_validate_against_kubernetes_schemas(version):
+    for kind, obj in k8s_objects().items():
+        try:
+            kubernetes_validate.validate(obj, version, strict=True)
+        except kubernetes_validate.ValidationError as exc:
+            raise AssertionError(f"{kind} does not validate against Kubernetes {version}: {exc}") from None
+
+
+def test_kustomization_lists_every_manifest():
+    listed = set(yaml.safe_load(read(os.path.join(K8S, "kustomization.yaml")))["resources"])
+    present = {os.path.basename(p) for p in glob.glob(os.path.join(K8S, "*.yaml"))} - {"kustomization.yaml"}
+    assert listed == present
+
+
+# ---------------------------------------------------------------- Kubernetes
+
+def _pod():
+    return k8s_objects()["Deployment"]["spec"]["template"]["spec"]
+
+
+def _container():
+    containers = _pod()["containers"]
+    assert len(containers) == 1
+    return containers[0]
+
+
+def _env():
+    return {e["name"]: e.get("value") for e in _container().get("env", [])}
+
+
+def test_probes_hit_health_on_the_image_port():
+    _, _, image_env = runtime_config(load())
+    container = _container()
+    ports = {p["name"]: p["containerPort"] for p in container["ports"]}
+    assert ports == {"http": int(image_env["PORT"])}
+    assert load().runtime.one("EXPOSE").args == str(ports["http"])
+    for probe in ("readinessProbe", "livenessProbe", "startupProbe"):
+        get = container[probe]["httpGet"]
+        assert get["path"] == "/api/health" and ports.get(get["port"], get["port"]) == 8080, probe
+    liveness = container["livenessProbe"]
+    assert liveness["periodSeconds"] * liveness["failureThreshold"] >= 30, "liveness must tolerate a busy minute"
+
+
+def test_grace_period_covers_a_queued_and_running_proof(tmp_path):
+    env = {k: v for k, v in _env().items() if v is not None}
+    computed = settings_for(env, tmp_path)
+    assert computed["graceful_timeout"] >= computed["QUEUE_TIMEOUT_SECONDS"] + computed["PROVE_TIMEOUT_SECONDS"]
+    grace = _pod()["terminationGracePeriodSeconds"]
+    assert grace > computed["graceful_timeout"], f"grace {grace} s <= gunicorn graceful_timeout"
+    assert grace >= computed["PROVE_TIMEOUT_SECONDS"]
+
+
+def test_pod_runs_as_the_image_user_with_a_read_only_root():
+    pod, container = _pod(), _container()
+    assert pod["securityContext"]["runAsNonRoot"] is True
+    assert pod["securityContext"]["runAsUser"] == IMAGE_UID == int(load().runtime.one("USER").args.split(":")[0])
+    security = container["securityContext"]
+    assert security["readOnlyRootFilesystem"] is True and security["allowPrivilegeEscalation"] is False
+    assert security["capabilities"]["drop"] == ["ALL"]
+    _, _, image_env = runtime_config(load())
+    mounts = {m["mountPath"]: m["name"] for m in container["volumeMounts"]}
+    volumes = {v["name"]: v for v in pod["volumes"]}
+    assert "emptyDir" in volumes[mounts[image_env["TMPDIR"]]], "TMPDIR must be a writable volume"
+    for name in ("BB_CRS_PATH", "VK_CACHE_DIR", "BB_BINARY", "CIRCUIT_PATH"):
+        assert name not in _env(), f"{name} is the image's: the VK and CRS are baked in under /app"
+
+
+def test_cpu_requests_match_limits_and_bb_threads_follow_them():
+    resources = _container()["resources"]
+    assert resources["requests"]["cpu"] == resources["limits"]["cpu"]
+    env = {e["name"]: e for e in _container()["env"]}
+    field = env["HARDWARE_CONCURRENCY"]["valueFrom"]["resourceFieldRef"]
+    assert field["resource"] == "limits.cpu" and str(field.get("divisor", "1")) == "1"
+    assert int(_env()["MAX_CONCURRENT_PROOFS"]) == 1, "with more slots, divide bb's threads (README)"
+
+    def mib(quantity):
+        number, unit = re.fullmatch(r"(\d+)(Mi|Gi)", quantity).groups()
+        return int(number) * (1024 if unit == "Gi" else 1)
+    assert mib(resources["requests"]["memory"]) >= 160  # server ~65 MiB + one 2^15-row proof ~100 MiB
+    assert mib(resources["limits"]["memory"]) >= mib(resources["requests"]["memory"])
+
+
+def test_service_hpa_and_pdb_point_at_the_deployment():
+    objects = k8s_objects()
+    deployment = objects["Deployment"]
+    labels = deployment["spec"]["template"]["metadata"]["labels"]
+    assert deployment["spec"]["selector"]["matchLabels"].items() <= labels.items()
+    service = objects["Service"]
+    assert service["spec"]["selector"].items() <= labels.items()
+    assert service["spec"]["ports"][0]["targetPort"] in ("http", 8080)
+    hpa = objects["HorizontalPodAutoscaler"]
+    assert hpa["spec"]["scaleTargetRef"] == {"apiVersion": "apps/v1", "kind": "Deployment",
+                                             "name": deployment["metadata"]["name"]}
+    assert 2 <= hpa["spec"]["minReplicas"] <= hpa["spec"]["maxReplicas"]
+    assert hpa["spec"]["metrics"][0]["resource"]["name"] == "cpu"
+    pdb = objects["PodDisruptionBudget"]
+    assert pdb["spec"]["selector"]["matchLabels"].items() <= labels.items()
+    assert pdb["spec"]["minAvailable"] < hpa["spec"]["minReplicas"], "a drain must be able to proceed"
+
+
+# ---------------------------------------------------------------- Cloudflare
+
+def _worker_source():
+    return read(os.path.join(CLOUDFLARE, "src", "index.ts"))
+
+
+def _ts_const(name):
+    """Value of a `const NAME = <arithmetic on numbers and other such consts>;` in src/index.ts."""
+    m = re.search(rf"^const {name} = ([^;]+);", _worker_source(), re.M)
+    assert m, f"const {name} not found in src/index.ts"
+    expression = re.sub(r"(?<=\d)_(?=\d)", "", m.group(1))  # 120_000 -> 120000
+    assert re.fullmatch(r"[\w\s()+*]+", expression), expression
+    names = {k: _ts_const(k) for k in re.findall(r"\b[A-Z][A-Z_]+\b", expression)}
+    return eval(expression, {"__builtins__": {}}, names)
+
+
+def test_worker_timeouts_match_the_rust_setup_and_cover_the_container(tmp_path):
+    defaults = settings_for({}, tmp_path)
+    assert _ts_const("PROVE_TIMEOUT_SECONDS") == defaults["PROVE_TIMEOUT_SECONDS"] == 90
+    assert _ts_const("QUEUE_TIMEOUT_SECONDS") == defaults["QUEUE_TIMEOUT_SECONDS"]
+    assert _ts_const("MAX_CONCURRENT_PROOFS") == defaults["MAX_CONCURRENT_PROOFS"]
+    prove_ms = _ts_const("PROVE_ROUTE_TIMEOUT_MS")
+    assert prove_ms == 120_000, "the Rust setup's prove timeout"
+    assert prove_ms >= 1000 * (defaults["QUEUE_TIMEOUT_SECONDS"] + defaults["PROVE_TIMEOUT_SECONDS"])
+    assert _ts_const("OTHER_ROUTE_TIMEOUT_MS") == 30_000
+    source = _worker_source()
+    for name in ("PROVE_TIMEOUT_SECONDS", "QUEUE_TIMEOUT_SECONDS", "MAX_CONCURRENT_PROOFS"):
+        assert re.search(rf"{name}: String\({name}\)", source), f"{name} is not passed to the container"
+
+
+def test_worker_forwards_api_routes_to_the_image_port():
+    source = _worker_source()
+    assert '.basePath("/api")' in source and 'app.all("/*"' in source
+    assert re.search(r'path === "/api/prove" \|\| path.startsWith\("/api/prove/"\)', source)
+    _, _, image_env = runtime_config(load())
+    assert re.search(rf"defaultPort = {image_env['PORT']};", source)
+    assert 'pingEndpoint = "localhost/api/health"' in source
+    assert "enableInternet = false" in source  # the image carries its CRS: no downloads at run time
+
+
+def test_wrangler_builds_this_repo_image_for_the_worker_class(tmp_path):
+    config = json.loads(strip_jsonc(read(os.path.join(CLOUDFLARE, "wrangler.jsonc"))))
+    assert os.path.exists(os.path.join(CLOUDFLARE, config["main"]))
+    [container] = config["containers"]
+    assert os.path.samefile(os.path.join(CLOUDFLARE, container["image"]), os.path.join(ROOT, "Dockerfile"))
+    assert os.path.samefile(os.path.join(CLOUDFLARE, container["image_build_context"]), ROOT)
+    class_name = container["class_name"]
+    assert re.search(rf"export class {class_name} extends Container", _worker_source())
+    [binding] = config["durable_objects"]["bindings"]
+    assert binding["class_name"] == class_name
+    assert re.search(rf"{binding['name']}: DurableObjectNamespace<{class_name}>", _worker_source())
+    assert class_name in config["migrations"][0]["new_sqlite_classes"]
+    assert _ts_const("CONTAINER_INSTANCES") <= container["max_instances"]
+
+
+def test_worker_dependencies_are_pinned():
+    package = json.loads(read(os.path.join(CLOUDFLARE, "package.json")))
+    deps = {**package["dependencies"], **package["devDependencies"]}
+    assert {"@cloudflare/containers", "hono", "wrangler", "typescript"} <= set(deps)
+    for name, version in deps.items():
+        assert re.fullmatch(r"\d+\.\d+\.\d+", version), f"{name}@{version} is not an exact version"
+
+
+def test_readme_explains_sizing_and_crs():
+    text = read(os.path.join(DEPLOY, "README.md"))
+    for words in ("MAX_CONCURRENT_PROOFS", "terminationGracePeriodSeconds", "HARDWARE_CONCURRENCY",
+                  "2^k + 1", "readOnlyRootFilesystem", "wrangler deploy", "CRS_POINTS"):
+        assert words in text, f"deploy/README.md does not mention {words}"
