@@ -320,8 +320,14 @@ class Prover:
         if os.path.exists(vk):
             return vk
         with self._vk_lock:
-            os.makedirs(self.vk_cache_dir, exist_ok=True)
-            with open(os.path.join(self.vk_cache_dir, ".lock"), "w") as lock:
+            try:
+                os.makedirs(self.vk_cache_dir, exist_ok=True)
+                lock = open(os.path.join(self.vk_cache_dir, ".lock"), "w")
+            except OSError as exc:
+                raise ProverUnavailable(
+                    f"cannot write the verification key cache {self.vk_cache_dir}: {exc.strerror} "
+                    "(set VK_CACHE_DIR to a writable directory, or bake the VK in)") from None
+            with lock:
                 _flock(lock.fileno(), time.monotonic() + self.timeout)
                 if not os.path.exists(vk):
                     self._write_vk(target)

@@ -593,3 +593,11 @@ def test_a_waiting_greenlet_gets_the_slot_when_it_is_released(tmp_path):
     second = gevent.spawn(job, "b", 0)
     gevent.joinall([first, second], timeout=10, raise_error=True)
     assert order == ["a in", "a out", "b in", "b out"]
+
+
+def test_unwritable_vk_cache_is_a_clear_prover_unavailable(bb, tmp_path):
+    cache = tmp_path / "vk-cache"
+    cache.write_text("a file, so nothing can be created under it")
+    prover = bbrunner.Prover(bb, CIRCUIT, str(cache))
+    with pytest.raises(bbrunner.ProverUnavailable, match="set VK_CACHE_DIR"):
+        prover.ensure_vk()
