@@ -187,7 +187,7 @@ class Server:
             if self.proc.poll() is not None:
                 raise AssertionError(f"server exited {self.proc.returncode}:\n{self.output()}")
             try:
-                request(self.port, "GET", "/api/health", timeout=2)
+                request(self.port, "GET", "/api/health", timeout=5)
                 return self
             except OSError:
                 time.sleep(0.1)

@@ -8,7 +8,6 @@ import io
 import json
 import os
 import socket
-import tempfile
 import wsgiref.util
 import wsgiref.validate
 

@@ -30,7 +30,7 @@ import time
 
 import pytest
 
-from conftest import FIXTURES, ROOT, SHARED_CRS, expected, fixture_bytes, free_port, request, request_json
+from conftest import FIXTURES, ROOT, SHARED_CRS, Server, expected, fixture_bytes, free_port, request_json
 
 DOCKERFILES = ("Dockerfile", "Dockerfile.dev")
 IMAGE_UID = 65532  # distroless `nonroot`
@@ -779,7 +779,7 @@ def parse_trace(trace_dir):
     return execs, failed, writes
 
 
-class ImageServer:
+class ImageServer(Server):
     """gunicorn started the image's way from the rootfs, optionally under strace."""
 
     def __init__(self, build, top, traced):
@@ -801,24 +801,6 @@ class ImageServer:
                                      stdin=subprocess.DEVNULL, stdout=self.log, stderr=subprocess.STDOUT,
                                      start_new_session=True, **_user_kwargs())
         self.traced = traced
-
-    def output(self):
-        if not self.log.closed:
-            self.log.flush()
-        with open(self.log_path, "rb") as f:
-            return f.read().decode("utf-8", "replace")
-
-    def wait_ready(self, timeout=60):
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            if self.proc.poll() is not None:
-                raise AssertionError(f"server exited {self.proc.returncode}:\n{self.output()}")
-            try:
-                request(self.port, "GET", "/api/health", timeout=5)
-                return self
-            except OSError:
-                time.sleep(0.1)
-        raise AssertionError(f"server not ready in {timeout} s:\n{self.output()}")
 
     def master_pid(self):
         """gunicorn's master: the process started (under strace, strace's child)."""
