@@ -18,11 +18,12 @@ import shutil
 import signal
 import struct
 import time
-from collections import namedtuple
+from collections import deque, namedtuple
 from contextlib import contextmanager
 
 import gevent
 from gevent import subprocess
+from gevent.event import Event
 from gevent.lock import Semaphore
 
 # bb prints this (and exits 0) when a witness does not satisfy the circuit's
@@ -405,12 +406,15 @@ class ProofSlots:
     """At most `count` proofs at once across every process sharing `lock_dir`.
 
     Each slot is a lock file held with flock(); the kernel releases it when its
-    holder exits, so a killed worker cannot leak a slot. Waiters poll every
-    `poll` seconds (gevent-friendly); no FIFO order is promised.
+    holder exits, so a killed worker cannot leak a slot. Within a process waiters
+    line up first come, first served (only the oldest waiter polls the lock files,
+    every `poll` seconds), so a newcomer cannot overtake a request that has waited
+    longer; across worker processes the heads of the lines compete.
     """
 
     def __init__(self, lock_dir, count, poll=0.02):
         self.lock_dir = lock_dir  # created on first use
+        self._line = deque()  # gevent Events of this process's waiters, oldest first
         self.paths = [os.path.join(lock_dir, f"slot-{i}.lock") for i in range(count)]
         self.poll = poll
 
@@ -420,6 +424,21 @@ class ProofSlots:
         Raises SlotTimeout when none frees up in time.
         """
         deadline = time.monotonic() + timeout
+        turn = Event()
+        self._line.append(turn)
+        if self._line[0] is turn:
+            turn.set()
+        try:
+            if not turn.wait(timeout):
+                raise SlotTimeout(f"no proof slot free within {timeout:g} s")
+            return self._take(deadline, timeout)
+        finally:  # leave the line (served, timed out or killed); the next in line goes on
+            was_head = self._line[0] is turn
+            self._line.remove(turn)
+            if was_head and self._line:
+                self._line[0].set()
+
+    def _take(self, deadline, timeout):
         while True:
             for path in self.paths:
                 try:

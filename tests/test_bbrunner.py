@@ -601,3 +601,24 @@ def test_unwritable_vk_cache_is_a_clear_prover_unavailable(bb, tmp_path):
     prover = bbrunner.Prover(bb, CIRCUIT, str(cache))
     with pytest.raises(bbrunner.ProverUnavailable, match="set VK_CACHE_DIR"):
         prover.ensure_vk()
+
+
+def test_slot_waiters_in_one_process_are_served_first_come_first_served(tmp_path):
+    slots = bbrunner.ProofSlots(str(tmp_path / "slots"), 1, poll=0.01)
+    order = []
+
+    def client(name, hold):
+        token = slots.take(10)
+        order.append(name)
+        gevent.sleep(hold)
+        slots.release(token)
+
+    first = slots.take(1)
+    waiters = []
+    for name in "ABC":
+        waiters.append(gevent.spawn(client, name, 0.05))
+        gevent.sleep(0.02)  # A waits longest, then B, then C
+    slots.release(first)
+    waiters.append(gevent.spawn(client, "late", 0))  # arrives as the slot frees: must not overtake
+    gevent.joinall(waiters, timeout=10, raise_error=True)
+    assert order == ["A", "B", "C", "late"]
