@@ -33,6 +33,17 @@ endif
 test: setup
 	$(PY) -m pytest $(PYTEST_ARGS)
 
+# Benchmark (bench/README.md): `make bench` is the full run (~20-30 min; needs Node.js + npm to
+# generate the big circuits) and rewrites bench/RESULTS.md; `make bench-quick` (~1 min, committed
+# circuits only, results in bench/out/quick/) is what CI runs. BENCH_ARGS passes options through.
+bench: setup
+	$(PY) -m pip install --quiet --disable-pip-version-check -r bench/requirements.txt
+	$(PY) -m bench $(BENCH_ARGS)
+
+bench-quick: setup
+	$(PY) -m pip install --quiet --disable-pip-version-check -r bench/requirements.txt
+	$(PY) -m bench --quick $(BENCH_ARGS)
+
 # Regenerate circuit.json and tests/fixtures/ with the pinned Noir toolchain (needs Node.js + npm).
 fixtures:
 	cd tools/noir && npm ci --no-audit --no-fund --silent

@@ -1,0 +1,539 @@
+"""Measuring tools for the benchmark: bare bb runs, a live worker, an HTTP client, an RSS sampler.
+
+Everything here talks only to 127.0.0.1 and cleans up after itself: servers run
+in their own session and are stopped with killpg (TERM, then KILL); bb runs are
+killed (SIGKILL to their process group) when they overrun their deadline.
+"""
+import base64
+import http.client
+import json
+import os
+import re
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from collections import namedtuple
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+
+def _server_settings():
+    """Names of the environment variables the worker reads (settings.py's, plus a few more)."""
+    with open(os.path.join(ROOT, "settings.py")) as f:
+        names = set(re.findall(r'_(?:int|seconds|choice|circuit|directory|raw)\(\s*"([A-Z][A-Z0-9_]*)"', f.read()))
+    return tuple(sorted(names | {"LOG_LEVEL", "PROMETHEUS_MULTIPROC_DIR"}))
+
+
+# Cleared before a server starts, so the caller's shell cannot change what is measured.
+SERVER_SETTINGS = _server_settings()
+
+
+class BenchError(Exception):
+    """Something the benchmark relies on broke (a bb run or a proof request failed)."""
+
+
+# ---------------------------------------------------------------- bare bb
+
+BBRun = namedtuple("BBRun", "seconds max_rss_bytes returncode stderr")
+BBRun.__doc__ = """One bb process: wall seconds from spawn to reap, its peak RSS in bytes
+(VmHWM sampled every 10 ms; getrusage's ru_maxrss would count the forking
+Python's RSS too), its exit status and its stderr (bytes)."""
+
+
+def run_bb(argv, timeout=600.0, sample_rss=False):
+    """Run bb (argv: list of str) to completion and time it; return a BBRun.
+
+    Wall time in seconds (time.perf_counter) covers fork/exec to reap, as a
+    caller that spawns bb would see it; the main thread blocks in wait4 so the
+    end is exact. With sample_rss, a thread reads bb's VmHWM every 10 ms
+    (max_rss_bytes; else 0): keep it off for timed runs, where its wake-ups and
+    /proc reads slow bb by about 1%. Kills bb's process group after `timeout`
+    seconds and raises BenchError; raises BenchError on a non-zero exit.
+    """
+    with tempfile.TemporaryFile() as err:
+        started = time.perf_counter()
+        proc = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
+                                stderr=err, start_new_session=True)
+        timer = threading.Timer(timeout, _killpg, (proc.pid,))
+        hwm = _HighWater(proc.pid)
+        timer.start()
+        if sample_rss:
+            hwm.start()
+        try:
+            _, status, _ = os.wait4(proc.pid, 0)
+            elapsed = time.perf_counter() - started
+        finally:
+            timer.cancel()
+            if sample_rss:
+                hwm.stop()
+        proc.returncode = os.waitstatus_to_exitcode(status)
+        err.seek(0)
+        text = err.read()
+    if proc.returncode != 0:
+        tail = text.decode("utf-8", "replace").strip().splitlines()[-3:]
+        raise BenchError(f"{' '.join(argv[:2])} exited {proc.returncode}: {' | '.join(tail)}")
+    return BBRun(elapsed, hwm.peak, proc.returncode, text)
+
+
+class _HighWater(threading.Thread):
+    """Keep the largest VmHWM (bytes) of process `pid` while it lives, reading it every 10 ms."""
+
+    def __init__(self, pid, interval=0.01):
+        super().__init__(name=f"hwm-{pid}", daemon=True)
+        self.path = f"/proc/{pid}/status"
+        self.interval = interval
+        self.peak = 0
+        self._done = threading.Event()
+
+    def run(self):
+        while True:
+            value = _status_field(self.path, b"VmHWM:")
+            if value:
+                self.peak = max(self.peak, value)
+            if self._done.wait(self.interval):
+                return
+
+    def stop(self):
+        self._done.set()
+        self.join()
+
+
+def _killpg(pid):
+    try:
+        os.killpg(pid, signal.SIGKILL)
+    except ProcessLookupError:
+        pass
+
+
+def bb_output(argv, timeout=600.0):
+    """Run a short bb command and return its stdout (str); raises BenchError on failure."""
+    try:
+        proc = subprocess.run(argv, capture_output=True, timeout=timeout, start_new_session=True)
+    except subprocess.TimeoutExpired:
+        raise BenchError(f"{' '.join(argv[:2])} did not finish within {timeout:g} s") from None
+    if proc.returncode != 0:
+        raise BenchError(f"{' '.join(argv[:2])} exited {proc.returncode}: "
+                         f"{proc.stderr.decode('utf-8', 'replace').strip()[-300:]}")
+    return proc.stdout.decode()
+
+
+def gates(bb, circuit):
+    """Return (acir_opcodes, circuit_size) of `circuit` from `bb gates` (rows before padding)."""
+    out = bb_output([bb, "gates", "-b", circuit])
+    info = json.loads(out[out.index("{"):])["functions"][0]
+    return info["acir_opcodes"], info["circuit_size"]
+
+
+def write_vk(bb, circuit, out_dir, crs):
+    """Write `out_dir`/vk with `bb write_vk`; return log2 of the dyadic circuit size read from it.
+
+    bb 5's UltraHonk VK starts with log2(dyadic size) as a 32-byte big-endian field element.
+    """
+    os.makedirs(out_dir, exist_ok=True)
+    bb_output([bb, "write_vk", "-b", circuit, "-o", out_dir, "-c", crs])
+    with open(os.path.join(out_dir, "vk"), "rb") as f:
+        return int.from_bytes(f.read(32), "big")
+
+
+def verify(bb, vk, proof, public_inputs, crs):
+    """True if `bb verify` accepts the proof (bytes) with public_inputs (list of 0x-hex str)."""
+    d = os.path.join(os.path.dirname(vk), "verify")
+    os.makedirs(d, exist_ok=True)
+    with open(os.path.join(d, "proof"), "wb") as f:
+        f.write(proof)
+    with open(os.path.join(d, "public_inputs"), "wb") as f:
+        f.write(b"".join(bytes.fromhex(x[2:]) for x in public_inputs))
+    proc = subprocess.run([bb, "verify", "-k", vk, "-p", os.path.join(d, "proof"),
+                           "-i", os.path.join(d, "public_inputs"), "-c", crs],
+                          capture_output=True, timeout=120, start_new_session=True)
+    return proc.returncode == 0
+
+
+# ---------------------------------------------------------------- RSS sampler
+
+class RSSSampler:
+    """Sample the total resident memory of our bb processes every `interval` seconds.
+
+    A bb process is one whose argv[0] is `binary` (as bbrunner starts it) and
+    that descends from `root_pid` (the server under test: this machine is
+    shared, other people's bb runs are not ours). Runs in a daemon thread
+    between start() and stop(); keeps the peak total VmRSS (bytes) and the peak
+    number of our bb processes alive at once. Reading /proc costs ~1 ms per
+    scan, so a process already seen to be something else for 0.5 s is not
+    re-read (a fork reads as its parent until it execs bb).
+    """
+
+    def __init__(self, binary, root_pid, interval=0.02):
+        self.binary = binary.encode()
+        self.real = os.path.realpath(binary).encode()
+        self.root = str(root_pid)
+        self.interval = interval
+        self.peak_bytes = 0
+        self.peak_count = 0
+        self.samples = 0
+        self._other = {}  # pid -> first seen (monotonic) while not one of ours
+        self._stop = threading.Event()
+        self._thread = None
+
+    def start(self):
+        """Start sampling in a background thread; returns self."""
+        self._thread = threading.Thread(target=self._loop, name="rss-sampler", daemon=True)
+        self._thread.start()
+        return self
+
+    def stop(self):
+        """Stop sampling and wait for the thread."""
+        self._stop.set()
+        if self._thread is not None:
+            self._thread.join()
+
+    def _ours(self, pid):
+        try:
+            with open(f"/proc/{pid}/cmdline", "rb") as f:
+                argv0 = f.read().split(b"\0", 1)[0]
+        except OSError:
+            return False
+        if argv0 != self.binary and argv0 != self.real:
+            return False
+        for _ in range(8):  # bb -> gunicorn worker -> gunicorn master (root)
+            pid = _ppid(pid)
+            if pid is None or pid in ("0", "1"):
+                return False
+            if pid == self.root:
+                return True
+        return False
+
+    def _loop(self):
+        while not self._stop.is_set():
+            now = time.monotonic()
+            live = set()
+            total = count = 0
+            for name in os.listdir("/proc"):
+                if not name.isdigit():
+                    continue
+                live.add(name)
+                first = self._other.get(name)
+                if first is not None and now - first > 0.5:
+                    continue
+                if not self._ours(name):
+                    self._other.setdefault(name, now)
+                    continue
+                self._other.pop(name, None)
+                rss = _status_field(f"/proc/{name}/status", b"VmRSS:")
+                if rss is not None:
+                    total += rss
+                    count += 1
+            for gone in self._other.keys() - live:  # pids are not reused within one scan
+                del self._other[gone]
+            self.samples += 1
+            self.peak_bytes = max(self.peak_bytes, total)
+            self.peak_count = max(self.peak_count, count)
+            self._stop.wait(self.interval)
+
+
+def descendants(root_pid):
+    """[(pid, start time)] of every live process below `root_pid` (ints)."""
+    parent = {}
+    for name in os.listdir("/proc"):
+        if name.isdigit():
+            ppid = _ppid(name)
+            if ppid is not None:
+                parent[int(name)] = int(ppid)
+    found, frontier = [], {root_pid}
+    while frontier:
+        frontier = {pid for pid, pp in parent.items() if pp in frontier}
+        found += [(pid, _start_time(pid)) for pid in frontier]
+    return found
+
+
+def _start_time(pid):
+    try:
+        with open(f"/proc/{pid}/stat", "rb") as f:
+            return int(f.read().rsplit(b")", 1)[1].split()[19])
+    except (OSError, IndexError, ValueError):
+        return None
+
+
+def _ppid(pid):
+    try:
+        with open(f"/proc/{pid}/stat", "rb") as f:
+            return f.read().rsplit(b")", 1)[1].split()[1].decode()
+    except (OSError, IndexError):
+        return None
+
+
+def _status_field(path, field):
+    """A `kB` field of /proc/<pid>/status in bytes (int), or None (exited, or a zombie)."""
+    try:
+        with open(path, "rb") as f:
+            for line in f:
+                if line.startswith(field):
+                    return int(line.split()[1]) * 1024
+    except (OSError, ValueError, IndexError):
+        pass
+    return None
+
+
+# ---------------------------------------------------------------- background load
+
+class Load:
+    """CPU used by processes that are not this benchmark's: the noise of a shared machine.
+
+    A snapshot (snap()) holds the machine's busy CPU time (/proc/stat, all CPUs),
+    its steal time, and the CPU time of this process's tree: itself, its reaped
+    children (os.times), and every live descendant's own and reaped children's
+    time (/proc/<pid>/stat utime, stime, cutime, cstime), so a bb reaped by a
+    server we started still counts as ours. between(a, b) turns two snapshots
+    into {"other_cores", "steal", "seconds"}: the average number of cores other
+    processes kept busy, the hypervisor's steal fraction, and the wall time.
+    """
+
+    HZ = os.sysconf("SC_CLK_TCK")
+
+    @classmethod
+    def snap(cls):
+        """A snapshot (tuple) of the machine's and our CPU times, now."""
+        with open("/proc/stat") as f:
+            fields = [int(x) for x in f.readline().split()[1:]]
+        user, nice, system, idle, iowait, irq, softirq, steal = (fields + [0] * 8)[:8]
+        t = os.times()
+        ours = t.user + t.system + t.children_user + t.children_system
+        for pid, _ in descendants(os.getpid()):
+            try:
+                with open(f"/proc/{pid}/stat", "rb") as f:
+                    stat = f.read().rsplit(b")", 1)[1].split()
+                ours += sum(int(x) for x in stat[11:15]) / cls.HZ
+            except (OSError, IndexError, ValueError):
+                pass  # exited meanwhile: its time moves to its parent's cutime
+        return time.monotonic(), (user + nice + system + irq + softirq) / cls.HZ, steal, sum(fields[:8]), ours
+
+    @staticmethod
+    def between(a, b):
+        """The load (dict, see the class) between snapshots a and b."""
+        wall = max(b[0] - a[0], 1e-9)
+        other = max(0.0, (b[1] - a[1]) - (b[4] - a[4])) / wall
+        return {"other_cores": other, "steal": (b[2] - a[2]) / max(b[3] - a[3], 1), "seconds": wall}
+
+
+def wait_quiet(threshold=0.15, window=0.5, max_wait=20.0):
+    """Wait until other processes used < `threshold` cores over a `window`-second look, at most `max_wait` s.
+
+    Returns the seconds waited (float). The benchmark cannot stop other people's
+    work on a shared machine; it can avoid starting a round in the middle of it.
+    """
+    started = time.monotonic()
+    while True:
+        a = Load.snap()
+        time.sleep(window)
+        if Load.between(a, Load.snap())["other_cores"] < threshold or time.monotonic() - started >= max_wait:
+            return time.monotonic() - started
+
+
+class CpuMeter:
+    """Load between start() and stop() (see Load): a dict with other_cores, steal, seconds."""
+
+    def start(self):
+        """Take the first snapshot; returns self."""
+        self._first = Load.snap()
+        return self
+
+    def stop(self):
+        """Return the load since start()."""
+        return Load.between(self._first, Load.snap())
+
+
+# ---------------------------------------------------------------- the worker
+
+def free_port():
+    """A TCP port free on 127.0.0.1 right now (int)."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+class Server:
+    """Our worker (gunicorn -c gunicorn.conf.py) in its own session, for one circuit.
+
+    env: settings for settings.py (str values), on top of a cleared set of
+    SERVER_SETTINGS. `run_dir` gets the server's TMPDIR, VK cache and log.
+    Requests go to 127.0.0.1 only.
+    """
+
+    def __init__(self, run_dir, env):
+        self.run_dir = run_dir
+        self.port = free_port()
+        tmpdir = os.path.join(run_dir, "tmp")
+        os.makedirs(tmpdir, exist_ok=True)
+        full = {k: v for k, v in os.environ.items() if k not in SERVER_SETTINGS}
+        full.update(PORT=str(self.port), TMPDIR=tmpdir, PYTHONUNBUFFERED="1",
+                    VK_CACHE_DIR=os.path.join(run_dir, "vk-cache"))
+        full.update(env)
+        self.env = full
+        self.log_path = os.path.join(run_dir, "server.log")
+        self._log = open(self.log_path, "wb")
+        self.proc = subprocess.Popen([sys.executable, "-m", "gunicorn", "-c", "gunicorn.conf.py"],
+                                     cwd=ROOT, env=full, stdin=subprocess.DEVNULL, stdout=self._log,
+                                     stderr=subprocess.STDOUT, start_new_session=True)
+
+    def wait_ready(self, timeout=180.0):
+        """Poll GET /api/health until it answers 200 (the VK is computed before); returns self."""
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if self.proc.poll() is not None:
+                raise BenchError(f"server exited {self.proc.returncode}:\n{self.output_tail()}")
+            try:
+                status, _ = request(self.port, "GET", "/api/health", timeout=5)
+                if status == 200:
+                    return self
+                raise BenchError(f"/api/health answered {status}:\n{self.output_tail()}")
+            except OSError:
+                time.sleep(0.1)
+        raise BenchError(f"server not ready within {timeout:g} s:\n{self.output_tail()}")
+
+    def output(self):
+        """The server's whole log (str)."""
+        self._log.flush()
+        with open(self.log_path, "rb") as f:
+            return f.read().decode("utf-8", "replace")
+
+    def output_tail(self, lines=20):
+        """The last lines (str) of the server's log."""
+        self._log.flush()
+        with open(self.log_path, "rb") as f:
+            return "\n".join(f.read().decode("utf-8", "replace").splitlines()[-lines:])
+
+    def stop(self):
+        """SIGTERM the server's process group, SIGKILL it after 20 s; always reaps.
+
+        bb runs in a session of its own (bbrunner), outside the server's group:
+        any bb still running under the server is killed once the server is gone.
+        """
+        leftovers = descendants(self.proc.pid)
+        if self.proc.poll() is None:
+            try:
+                os.killpg(self.proc.pid, signal.SIGTERM)
+                self.proc.wait(timeout=20)
+            except subprocess.TimeoutExpired:
+                os.killpg(self.proc.pid, signal.SIGKILL)
+                self.proc.wait(timeout=10)
+            except ProcessLookupError:
+                pass
+        try:  # anything left in the group goes too
+            os.killpg(self.proc.pid, signal.SIGKILL)
+        except (ProcessLookupError, PermissionError):
+            pass
+        for pid, started in leftovers:
+            if _start_time(pid) == started:  # the same process, not a reused pid
+                for kill in (os.killpg, os.kill):  # bb leads its own process group
+                    try:
+                        kill(pid, signal.SIGKILL)
+                    except (ProcessLookupError, PermissionError):
+                        pass
+        self._log.close()
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.stop()
+
+
+# ---------------------------------------------------------------- HTTP client
+
+def request(port, method, path, body=None, timeout=600.0, headers_out=None):
+    """One request on a new connection to 127.0.0.1:`port`; returns (status, body bytes).
+
+    headers_out: a dict to fill with the response headers (lower-case names), if given.
+    """
+    conn = http.client.HTTPConnection("127.0.0.1", port, timeout=timeout)
+    try:
+        headers = {"Accept": "application/json"}
+        if body is not None:
+            headers["Content-Type"] = "application/octet-stream"
+        conn.request(method, path, body=body, headers=headers)
+        resp = conn.getresponse()
+        if headers_out is not None:
+            headers_out.update((k.lower(), v) for k, v in resp.getheaders())
+        return resp.status, resp.read()
+    finally:
+        conn.close()
+
+
+Reply = namedtuple("Reply", "seconds status proof public_inputs error request_id")
+Reply.__doc__ = """One POST /api/prove as a client sees it: wall seconds (connect, upload,
+wait, read, JSON decode, base64 decode), HTTP status, the proof (bytes) and
+publicInputs (list of str) on success, else error text (str); the worker's
+X-Request-Id (str or None)."""
+
+
+def prove(port, witness, timeout=600.0):
+    """POST the gzipped witness (bytes) to /api/prove on 127.0.0.1:`port`; return a Reply."""
+    headers = {}
+    started = time.perf_counter()
+    try:
+        status, data = request(port, "POST", "/api/prove", witness, timeout, headers)
+        payload = json.loads(data)
+        proof = base64.b64decode(payload["proof"]) if status == 200 else None
+    except (OSError, http.client.HTTPException, ValueError, KeyError) as exc:
+        return Reply(time.perf_counter() - started, 0, None, None, f"{type(exc).__name__}: {exc}", None)
+    elapsed = time.perf_counter() - started
+    rid = headers.get("x-request-id")
+    if status == 200 and payload.get("success") is True:
+        return Reply(elapsed, status, proof, payload.get("publicInputs"), None, rid)
+    return Reply(elapsed, status, None, None, f"{payload.get('error')}: {payload.get('message')}", rid)
+
+
+_PROVE_SUM = re.compile(r'^bb_worker_prove_duration_seconds_sum\{circuit="default"\} (\S+)$', re.M)
+_ACCESS = re.compile(r"\b([0-9a-f-]{36}) POST /api/prove 200 .*?\bms=([0-9.]+)")
+
+
+def bb_seconds_in_worker(port):
+    """Total seconds the worker's bb runs took so far (its Prometheus histogram sum), or None."""
+    try:
+        status, data = request(port, "GET", "/api/metrics", timeout=30)
+        match = _PROVE_SUM.search(data.decode()) if status == 200 else None
+        return float(match.group(1)) if match else None
+    except (OSError, http.client.HTTPException, ValueError):
+        return None
+
+
+def handler_seconds(log_text):
+    """{request id: seconds} of successful POST /api/prove lines in the worker's access log (text format)."""
+    return {rid: float(ms) / 1000 for rid, ms in _ACCESS.findall(log_text)}
+
+
+def closed_loop(port, witness, clients, total, expect_public_inputs, timeout=600.0):
+    """`clients` threads send `total` proof requests back to back (closed loop).
+
+    Returns (wall seconds from first send to last answer, list of Reply). A
+    request counts as failed when it is not 200 or its publicInputs differ from
+    `expect_public_inputs`.
+    """
+    lock = threading.Lock()
+    left = [total]
+    replies = []
+
+    def client():
+        while True:
+            with lock:
+                if left[0] == 0:
+                    return
+                left[0] -= 1
+            reply = prove(port, witness, timeout)
+            if reply.status == 200 and reply.public_inputs != expect_public_inputs:
+                reply = reply._replace(status=0, error=f"unexpected publicInputs {reply.public_inputs}")
+            with lock:
+                replies.append(reply)
+
+    threads = [threading.Thread(target=client, name=f"client-{i}", daemon=True) for i in range(clients)]
+    started = time.perf_counter()
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    return time.perf_counter() - started, replies

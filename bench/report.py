@@ -1,0 +1,318 @@
+"""Turn the benchmark's results (the dict run.py builds) into markdown, a PNG and a verdict per target."""
+import statistics
+
+MiB = 2 ** 20
+
+# The targets of issue 4 (a benchmark, not a test: a miss is reported, not failed).
+OVERHEAD_RATIO = 1.05        # worker p50 / floor p50, from 2^14 rows up
+OVERHEAD_FROM_LOG = 14
+SMALL_OVERHEAD_S = 0.025     # worker p50 - floor p50 on the smallest circuit
+RUST_SPEEDUP = 1.10          # rust call p50 / worker p50, from 2^16 rows up
+RUST_FROM_LOG = 16
+THROUGHPUT_KEPT = 0.90       # 8 clients' proofs/min over 1 client's, with the limit
+RSS_SLACK = 1.10             # peak bb RSS may exceed limit x one proof's RSS by sampling noise only
+
+
+def med(xs):
+    """Median of a non-empty list of numbers."""
+    return statistics.median(xs)
+
+
+def ms(seconds):
+    """Seconds (float) as milliseconds text: one decimal below 100 ms."""
+    v = seconds * 1000
+    return f"{v:.1f}" if abs(v) < 100 else f"{v:.0f}"
+
+
+def iqr_ms(xs):
+    """Interquartile range of seconds xs as 'p25–p75' milliseconds text."""
+    q = statistics.quantiles(xs, n=4, method="inclusive") if len(xs) > 1 else [xs[0]] * 3
+    return f"{ms(q[0])}–{ms(q[2])}"
+
+
+def verdict(ok):
+    """'MET' or 'MISSED'."""
+    return "MET" if ok else "**MISSED**"
+
+
+def targets(results):
+    """List of (target text, verdict text or None when not measured, detail text)."""
+    sizes = results.get("sizes", [])
+    out = []
+    big = [s for s in sizes if s["log"] >= OVERHEAD_FROM_LOG]
+    if big:
+        worst = max(big, key=lambda s: med(s["worker"]) / med(s["floor"]))
+        ratios = ", ".join(f"2^{s['log']}: {med(s['worker']) / med(s['floor']):.3f}" for s in big)
+        out.append((f"worker p50 / floor ≤ {OVERHEAD_RATIO} from 2^{OVERHEAD_FROM_LOG} rows up",
+                    verdict(med(worst["worker"]) / med(worst["floor"]) <= OVERHEAD_RATIO), ratios))
+    else:
+        out.append((f"worker p50 / floor ≤ {OVERHEAD_RATIO} from 2^{OVERHEAD_FROM_LOG} rows up", None,
+                    "no size ≥ 2^14 in this run"))
+    if sizes:
+        small = min(sizes, key=lambda s: s["log"])
+        extra = med(small["worker"]) - med(small["floor"])
+        out.append((f"worker p50 − floor ≤ {SMALL_OVERHEAD_S * 1000:.0f} ms on the smallest circuit",
+                    verdict(extra <= SMALL_OVERHEAD_S),
+                    f"2^{small['log']}: {ms(med(small['worker']))} − {ms(med(small['floor']))} = {ms(extra)} ms"))
+    rust = [s for s in sizes if s["log"] >= RUST_FROM_LOG]
+    if rust:
+        worst = min(rust, key=lambda s: med(s["rust"]) / med(s["worker"]))
+        ratios = ", ".join(f"2^{s['log']}: {med(s['rust']) / med(s['worker']):.3f}x" for s in rust)
+        out.append((f"worker ≥ {RUST_SPEEDUP}x faster than the Rust worker's call from 2^{RUST_FROM_LOG} rows up",
+                    verdict(med(worst["rust"]) / med(worst["worker"]) >= RUST_SPEEDUP), ratios))
+    else:
+        out.append((f"worker ≥ {RUST_SPEEDUP}x faster than the Rust worker's call from 2^{RUST_FROM_LOG} rows up",
+                    None, "no size ≥ 2^16 in this run"))
+    conc = results.get("concurrency")
+    if conc:
+        runs = [r for r in conc["runs"] if r["limit"] == "default"]
+        by = {r["clients"]: r for r in runs}
+        lo, hi = min(by), max(by)
+        kept = by[hi]["proofs_per_min"] / by[lo]["proofs_per_min"] if by[lo]["proofs_per_min"] else 0.0
+        out.append((f"with the limit ({results['default_limit']}), {hi} clients keep ≥ "
+                    f"{THROUGHPUT_KEPT:.0%} of {lo} client's throughput",
+                    verdict(kept >= THROUGHPUT_KEPT and not by[hi]["failed"]),
+                    f"{by[hi]['proofs_per_min']:.1f} vs {by[lo]['proofs_per_min']:.1f} proofs/min = {kept:.1%}"
+                    + (f"; failed requests: {by[hi]['failed']}" if by[hi]["failed"] else "")))
+        one = conc["one_proof_rss_bytes"]
+        cap = results["default_limit"] * one
+        peak = max(r["peak_rss_bytes"] for r in runs)
+        peak_bb = max(r["peak_bb"] for r in runs)
+        out.append(("with the limit, peak bb RSS stays at MAX_CONCURRENT_PROOFS x one proof's RSS",
+                    verdict(peak <= cap * RSS_SLACK and peak_bb <= results["default_limit"]),
+                    f"peak {peak / MiB:.0f} MiB in at most {peak_bb} bb at once; "
+                    f"{results['default_limit']} x {one / MiB:.0f} MiB = {cap / MiB:.0f} MiB"))
+        free = [r for r in conc["runs"] if r["limit"] == "unbounded"]
+        if free:
+            f8 = max(free, key=lambda r: r["clients"])
+            l8 = by[hi]
+            out.append(("unbounded: what it does to memory and p95 (no target)", "shown",
+                        f"{f8['clients']} clients: peak bb RSS {f8['peak_rss_bytes'] / MiB:.0f} MiB "
+                        f"({f8['peak_bb']} bb at once) vs {l8['peak_rss_bytes'] / MiB:.0f} MiB with the limit; "
+                        f"p95 {_p(f8, 'p95')} s vs {_p(l8, 'p95')} s; "
+                        f"{f8['proofs_per_min']:.1f} vs {l8['proofs_per_min']:.1f} proofs/min"))
+    return out
+
+
+def _p(run, key):
+    return f"{run['latency'][key]:.2f}" if run["latency"] else "n/a"
+
+
+def failures(results):
+    """Problems that make the run a failure (list of str): failed proof requests."""
+    out = []
+    for r in (results.get("concurrency") or {}).get("runs", []):
+        if r["failed"]:
+            out.append(f"{sum(r['failed'].values())} of {r['requests']} requests failed at {r['clients']} "
+                       f"clients, limit {r['limit']}: {r['failed']}")
+    return out
+
+
+def _kept(s):
+    return f"{s['repeats']}" + (f" (+{s['rounds_discarded']})" if s.get("rounds_discarded") else "")
+
+
+def latency_table(results):
+    """The per-size markdown table (str)."""
+    head = ("| size | N | gates (rows) | dyadic | witness KiB | CRS | rounds | floor p50 ms | "
+            "Rust call p50 ms | worker p50 ms | worker − floor ms | worker / floor | Rust call / worker | "
+            "upload-only p50 ms | bb RSS MiB | other load p50 / max (cores) |\n"
+            "|---|---:|---:|---:|---:|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|\n")
+    rows = []
+    for s in results.get("sizes", []):
+        f, r, w = med(s["floor"]), med(s["rust"]), med(s["worker"])
+        rows.append(f"| 2^{s['log']} | {s['n']} | {s['rows']} | 2^{s['dyadic_log']} = {1 << s['dyadic_log']} | "
+                    f"{s['witness_bytes'] / 1024:.0f} | {s['crs']} | {_kept(s)} | {ms(f)} | {ms(r)} | {ms(w)} | "
+                    f"{ms(w - f)} | {w / f:.3f} | {r / w:.3f} | {ms(med(s['upload']))} | "
+                    f"{med(s['floor_rss']) / MiB:.0f} | {med(s['round_load']):.2f} / {max(s['round_load']):.2f} |")
+    return head + "\n".join(rows) + "\n"
+
+
+def spread_table(results):
+    """Interquartile ranges per size (markdown str): how noisy each median is."""
+    head = ("| size | floor IQR ms | Rust call IQR ms | worker IQR ms | paired worker / floor (median of rounds) |\n"
+            "|---|---:|---:|---:|---:|\n")
+    rows = []
+    for s in results.get("sizes", []):
+        paired = med([w / f for w, f in zip(s["worker"], s["floor"])])
+        rows.append(f"| 2^{s['log']} | {iqr_ms(s['floor'])} | {iqr_ms(s['rust'])} | {iqr_ms(s['worker'])} | "
+                    f"{paired:.3f} |")
+    return head + "\n".join(rows) + "\n"
+
+
+def breakdown_table(results):
+    """Where the worker's time goes, per size (markdown str), or "" when the worker did not say."""
+    sizes = [s for s in results.get("sizes", []) if s.get("handler")]
+    if not sizes:
+        return ""
+    head = ("| size | worker p50 ms | handler p50 ms | prove() p50 ms | floor p50 ms | "
+            "HTTP + client ms | receive + slot + reply ms | prove() − floor ms | upload-only p50 ms |\n"
+            "|---|---:|---:|---:|---:|---:|---:|---:|---:|\n")
+    rows = []
+    for s in sizes:
+        http = med([w - h for w, h in zip(s["worker"], s["handler"])])
+        app = med([h - b for h, b in zip(s["handler"], s["bb_in_worker"])])
+        spawn = med([b - f for b, f in zip(s["bb_in_worker"], s["floor"])])
+        rows.append(f"| 2^{s['log']} | {ms(med(s['worker']))} | {ms(med(s['handler']))} | "
+                    f"{ms(med(s['bb_in_worker']))} | {ms(med(s['floor']))} | {ms(http)} | {ms(app)} | "
+                    f"{ms(spawn)} | {ms(med(s['upload']))} |")
+    return head + "\n".join(rows) + "\n"
+
+
+def concurrency_table(results):
+    """The concurrency markdown table (str)."""
+    conc = results["concurrency"]
+    head = ("| MAX_CONCURRENT_PROOFS | clients | batches | proofs | failed | elapsed s | proofs/min | vs 1 client | "
+            "p50 s | p95 s | peak bb RSS MiB | bb at once (max) | other load (cores) |\n"
+            "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|\n")
+    rows = []
+    base = {}
+    for r in conc["runs"]:
+        base.setdefault(r["limit"], r["proofs_per_min"])
+        rel = r["proofs_per_min"] / base[r["limit"]] if base[r["limit"]] else 0.0
+        label = f"{r['max_concurrent_proofs']} ({r['limit']})"
+        rows.append(f"| {label} | {r['clients']} | {r['batches']}"
+                    + (f" (+{r['batches_discarded']})" if r.get("batches_discarded") else "")
+                    + f" | {r['ok']} | {sum(r['failed'].values())} | {r['elapsed']:.1f} | "
+                    f"{r['proofs_per_min']:.1f} | {rel:.2f} | {_p(r, 'p50')} | {_p(r, 'p95')} | "
+                    f"{r['peak_rss_bytes'] / MiB:.0f} | {r['peak_bb']} | {med(r['batch_load']):.2f} |")
+    return head + "\n".join(rows) + "\n"
+
+
+def noise_policy(results):
+    """One sentence (str) on how the run dealt with other processes' load."""
+    p = results.get("patience", {"max_wait": 20.0, "reruns": True})
+    text = (f"Each round starts once the machine is quiet (< 0.15 other cores over 0.5 s, waiting at most "
+            f"{p['max_wait']:g} s)")
+    if p["reruns"]:
+        return (text + f"; a round during which other processes still used more than "
+                f"{results.get('noisy_cores', 0.3)} cores is discarded and re-run (*rounds*: kept (+ discarded); "
+                "at most twice the planned rounds in all, and all are kept if too few were quiet).")
+    return text + "; noisy rounds are kept (quick mode)."
+
+
+def markdown(results):
+    """The whole RESULTS.md text (str)."""
+    m = results.get("machine", {})
+    parts = [
+        "# bb-worker benchmark results\n",
+        f"Generated by `{'make bench-quick' if results['mode'] == 'quick' else 'make bench'}` "
+        f"({results['mode']} mode{', custom options' if results.get('custom') else ''}) on {m.get('date')}, "
+        f"in {results.get('elapsed_seconds', 0) / 60:.1f} min. How to run it and what each column means: "
+        "[README.md](README.md).\n",
+        f"- Machine: {m.get('cpu')}, {m.get('cores')} cores, {m.get('memory')}, {m.get('kernel')} "
+        "(shared and noisy: compare numbers within this run only)",
+        f"- bb {m.get('bb')}; Noir {results.get('noir')}; Python {m.get('python')}, gunicorn {m.get('gunicorn')}, "
+        f"gevent {m.get('gevent')}; worker at commit {m.get('worker_commit')}",
+        f"- Worker: 1 gunicorn gevent worker, MAX_CONCURRENT_PROOFS default = {results.get('default_limit')}, "
+        "other settings at their defaults; client: Python http.client on 127.0.0.1, a new connection per request",
+        "- Every time is a median (p50) over interleaved rounds (the order rotates each round) after one "
+        "warm-up of each; ratios compare medians of the same run.",
+        f"- Background: other people's processes used {results.get('background', {}).get('other_cores', 0):.2f} "
+        f"of the {m.get('cores')} cores on average during the run (hypervisor steal "
+        f"{results.get('background', {}).get('steal', 0):.1%}); per size in the *other load* column.\n",
+        "## Latency by circuit size (one client)\n",
+        latency_table(results),
+        "\n*floor*: bare `bb prove -k vk`. *Rust call*: `bb prove --write_vk` (no precomputed VK, as the "
+        "Rust worker runs it; its HTTP handling is not counted, which favours it). *worker*: POST /api/prove "
+        "end to end (connect, upload, prove, JSON and base64 decode). *upload-only*: the same POST with the "
+        "witness's last byte cut, which the worker reads and inflates completely and answers 400 without bb. "
+        "*bb RSS*: peak RSS (VmHWM) of one bare `bb prove` (sampled in the warm-up, not in timed runs). "
+        "*other load*: cores kept busy by processes that are not this benchmark's, per kept round "
+        f"(median / worst). {noise_policy(results)} Sizes on the *dev* CRS use the insecure "
+        "development CRS (timing only; see README).\n",
+        "Spread (interquartile ranges) and the median of per-round ratios:\n",
+        spread_table(results),
+    ]
+    breakdown = breakdown_table(results)
+    if breakdown:
+        parts += [
+            "\n## Where the worker's overhead goes\n",
+            "Per round, from the worker's own numbers: *handler* is the server-side time of the request "
+            "(its access log, matched by X-Request-Id), *prove()* the time it spent in `Prover.prove` (its "
+            "`bb_worker_prove_duration_seconds` metric, read just before and after the request). "
+            "*HTTP + client* = worker − handler (connect, sending the body, the response, JSON and base64 "
+            "decoding in the client); *receive + slot + reply* = handler − prove() (streaming and "
+            "inflating the witness to disk, taking a proof slot, building the JSON, removing temp files); "
+            "*prove() − floor* = bb spawned and awaited under gevent, plus reading its output, against "
+            "bare bb. Medians of the per-round differences, so they need not add up exactly.\n",
+            breakdown,
+        ]
+    parts += ["\n## Targets\n"]
+    for text, result, detail in targets(results):
+        parts.append(f"- {text}: {result or 'not measured'} ({detail})")
+    parts.append("")
+    if results.get("concurrency"):
+        conc = results["concurrency"]
+        parts += [f"## Concurrency at 2^{conc['log']}\n",
+                  f"Closed loop: each client sends its next proof request as soon as the last one is answered; "
+                  f"a batch is {conc['per_client']} requests per client (at least {conc['min_batch']}), "
+                  f"{conc['passes']} pass(es) over all batches, the two servers "
+                  "running side by side and the batches alternating between them. "
+                  + ("A batch during which other processes used more than 0.3 cores is re-run (twice at most; "
+                     "*batches*: kept (+ discarded)); failed requests count whatever the batch. "
+                     if results.get("patience", {}).get("reruns", True) else "") +
+                  f"Other processes used {conc['background']['other_cores']:.2f} cores meanwhile. "
+                  f"One bare proof's peak RSS at this size: {conc['one_proof_rss_bytes'] / MiB:.0f} MiB. Peak bb "
+                  "RSS is the largest sum of VmRSS over all bb processes, sampled every 20 ms.\n",
+                  concurrency_table(results)]
+    if results.get("crs_check"):
+        c = results["crs_check"]
+        parts += [f"## CRS check at 2^{c['log']}\n",
+                  f"Bare `bb prove -k vk` with the real CRS: {ms(med(c['real']))} ms (p50 of {len(c['real'])}); "
+                  f"with the insecure dev CRS: {ms(med(c['dev']))} ms (p50 of {len(c['dev'])}); ratio "
+                  f"{med(c['dev']) / med(c['real']):.3f}. "
+                  f"A dev-CRS proof is {'rejected' if c['dev_proof_rejected'] else 'ACCEPTED (unexpected)'} "
+                  "by `bb verify` with its own VK, as it must be.\n"]
+    fails = failures(results)
+    if fails:
+        parts += ["## Failures\n"] + [f"- {f}" for f in fails] + [""]
+    return "\n".join(parts)
+
+
+def plot(results, path):
+    """Write a PNG to `path`: p50 latency (with IQR) vs dyadic size, and the two ratios."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    import matplotlib.ticker
+
+    sizes = results.get("sizes", [])
+    if not sizes:
+        return
+    xs = [1 << s["dyadic_log"] for s in sizes]
+    fig, (ax, bx) = plt.subplots(1, 2, figsize=(12, 4.8))
+    for key, label, style in (("floor", "floor: bare bb prove -k vk", "o-"),
+                              ("rust", "Rust worker's call: bb prove --write_vk", "s--"),
+                              ("worker", "our worker over HTTP (1 client)", "^-")):
+        p50 = [med(s[key]) * 1000 for s in sizes]
+        q = [[v * 1000 for v in (statistics.quantiles(s[key], n=4, method="inclusive")
+                                  if len(s[key]) > 1 else [s[key][0]] * 3)] for s in sizes]
+        err = [[m - qq[0] for m, qq in zip(p50, q)], [qq[2] - m for m, qq in zip(p50, q)]]
+        ax.errorbar(xs, p50, yerr=err, fmt=style, capsize=3, label=label)
+    ax.set_xscale("log", base=2)
+    ax.set_yscale("log")
+    ax.yaxis.set_major_formatter(matplotlib.ticker.FuncFormatter(lambda v, _: f"{v:g}"))
+    ax.yaxis.set_minor_formatter(matplotlib.ticker.FuncFormatter(
+        lambda v, _: f"{v:g}" if f"{v:g}"[0] in "25" else ""))
+    ax.set_xlabel("dyadic circuit size (rows)")
+    ax.set_ylabel("latency p50 (ms, log scale), bars: p25–p75")
+    ax.set_title("Proof latency vs circuit size")
+    ax.grid(True, which="both", alpha=0.3)
+    ax.legend(fontsize=8)
+    bx.plot(xs, [med(s["worker"]) / med(s["floor"]) for s in sizes], "^-", label="worker / floor")
+    bx.plot(xs, [med(s["rust"]) / med(s["worker"]) for s in sizes], "s--", label="Rust call / worker")
+    bx.axhline(OVERHEAD_RATIO, color="grey", lw=0.8, ls=":", label=f"target worker/floor ≤ {OVERHEAD_RATIO} (≥ 2^14)")
+    bx.axhline(RUST_SPEEDUP, color="grey", lw=0.8, ls="-.", label=f"target Rust/worker ≥ {RUST_SPEEDUP} (≥ 2^16)")
+    bx.set_xscale("log", base=2)
+    bx.set_xlabel("dyadic circuit size (rows)")
+    bx.set_ylabel("ratio of p50s")
+    bx.set_title("Ratios (same run)")
+    bx.grid(True, which="both", alpha=0.3)
+    bx.legend(fontsize=8)
+    m = results.get("machine", {})
+    fig.suptitle(f"bb-worker benchmark, {m.get('date')}, {m.get('cpu')} x{m.get('cores')}, bb {m.get('bb')}",
+                 fontsize=9)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
