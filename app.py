@@ -305,8 +305,9 @@ class Worker:
                   "bytes_in": environ.get("bb_worker.bytes_in", 0), "bytes_out": len(reply.body),
                   "duration_ms": round((time.monotonic() - started) * 1000, 1),
                   "bb_exit_code": environ.get("bb_worker.bb_exit_code")}
-        access_log.info("%(request_id)s %(method)s %(path)s %(status)d in=%(bytes_in)d "
-                        "out=%(bytes_out)d ms=%(duration_ms).1f bb=%(bb_exit_code)s", fields, extra=fields)
+        access_log.info("%s %s %s %d in=%d out=%d ms=%.1f bb=%s", request_id, method, path, reply.status,
+                        fields["bytes_in"], fields["bytes_out"], fields["duration_ms"],
+                        "-" if fields["bb_exit_code"] is None else fields["bb_exit_code"], extra=fields)
         return [b""] if method == "HEAD" else [reply.body]
 
     def match(self, method, path):

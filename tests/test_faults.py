@@ -286,7 +286,7 @@ def test_temp_dir_full_is_503_then_recovers(start_server, tmp_path):
 
 # ---------------------------------------------------------------- health under load
 
-def test_health_stays_fast_while_proofs_saturate_the_cpus(start_server):
+def test_health_stays_fast_while_proofs_saturate_the_cpus(start_server, capsys):
     srv = start_server(MAX_CONCURRENT_PROOFS=2)
     stop = threading.Event()
 
@@ -308,5 +308,6 @@ def test_health_stays_fast_while_proofs_saturate_the_cpus(start_server):
     stop.set()
     for w in workers:
         w.join()
-    print(f"health under load: median {statistics.median(timings):.1f} ms, max {max(timings):.1f} ms")
+    with capsys.disabled():
+        print(f"\nhealth under load: median {statistics.median(timings):.1f} ms, max {max(timings):.1f} ms")
     assert statistics.median(timings) < 100

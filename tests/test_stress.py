@@ -120,7 +120,7 @@ def send(port, kind, body):
         conn.close()
 
 
-def test_mixed_load(start_server, bb, verify):
+def test_mixed_load(start_server, bb, verify, capsys):
     srv = start_server(WEB_CONCURRENCY=2, MAX_BODY_BYTES=MAX_BODY, MAX_WITNESS_BYTES=MAX_WITNESS,
                        QUEUE_TIMEOUT_SECONDS=60)
     rng = random.Random(20261129)
@@ -179,12 +179,13 @@ def test_mixed_load(start_server, bb, verify):
     assert len(request_ids) == sum(1 for *_, want, got in results if want is not None and got[0] != "reset")
 
     latencies.sort()
-    print(f"\n{REQUESTS} requests from {CLIENTS} clients in {elapsed:.1f} s")
-    print("  by status: " + ", ".join(f"{k}: {v}" for k, v in sorted(by_status.items(), key=str)))
-    print(f"  latency p50 {statistics.median(latencies) * 1000:.0f} ms, "
-          f"p95 {latencies[int(len(latencies) * 0.95)] * 1000:.0f} ms")
-    print(f"  peak bb processes {sampler.peak_bb} (limit 1), peak server RSS "
-          f"{sampler.peak_rss / 2**20:.1f} MiB over {sampler.samples} samples")
+    with capsys.disabled():  # the summary is the point of a load test: show it in every run
+        print(f"\n{REQUESTS} requests from {CLIENTS} clients in {elapsed:.1f} s")
+        print("  by status: " + ", ".join(f"{k}: {v}" for k, v in sorted(by_status.items(), key=str)))
+        print(f"  latency p50 {statistics.median(latencies) * 1000:.0f} ms, "
+              f"p95 {latencies[int(len(latencies) * 0.95)] * 1000:.0f} ms")
+        print(f"  peak bb processes {sampler.peak_bb} (limit 1), peak server RSS "
+              f"{sampler.peak_rss / 2**20:.1f} MiB over {sampler.samples} samples")
 
     assert all(verify(proof, public) for proof, public in proofs)
     assert len(proofs) == sum(1 for *_, want, _ in results if want == 200)
