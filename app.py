@@ -13,11 +13,11 @@ the gevent worker (gunicorn.conf.py); bbrunner.py runs bb, settings.py holds the
 """
 import base64
 import errno
+import hashlib
 import json
 import logging
 import os
 import platform
-import re
 import shutil
 import socket
 import time
@@ -90,14 +90,14 @@ class ClientGone(Exception):
 
 
 def prover_error(exc):
-    """Map a bbrunner.ProverError to the HTTPError answered for it."""
+    """Map a bbrunner.ProverError to (the HTTPError answered for it, its metrics outcome)."""
     if isinstance(exc, bbrunner.ProverFailed):
-        return ProofFailed(f"bb prove failed: {exc.reason}")
+        return ProofFailed(f"bb prove failed: {exc.reason}"), "rejected"
     if isinstance(exc, bbrunner.ProverTimeout):
-        return ProofTimeout(str(exc))
+        return ProofTimeout(str(exc)), "timeout"
     if isinstance(exc, bbrunner.ProverUnavailable):
-        return HTTPError(f"bb is not available: {exc}")
-    return HTTPError(f"bb crashed: {exc}")
+        return HTTPError(f"bb is not available: {exc}"), "unavailable"
+    return HTTPError(f"bb crashed: {exc}"), "crashed"
 
 
 def status_line(code):
@@ -121,7 +121,7 @@ class WitnessSink:
     """
 
     def __init__(self, path, max_body, max_witness):
-        self.file = open(path, "xb")
+        self.file = open(os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600), "wb")
         self.max_body = max_body
         self.max_witness = max_witness
         self.received = 0
@@ -241,9 +241,9 @@ def json_reply(status, payload, headers=()):
     return Reply(status, json.dumps(payload, separators=(",", ":")).encode(), "application/json", list(headers))
 
 
-CIRCUIT_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_-]{0,63}$")
-OUTCOMES = {bbrunner.ProverFailed: "rejected", bbrunner.ProverTimeout: "timeout",
-            bbrunner.ProverCrashed: "crashed", bbrunner.ProverUnavailable: "unavailable"}
+def printable(text):
+    """`text` with control characters escaped, for a text log line (no forged lines)."""
+    return json.dumps(text)[1:-1]
 
 
 class Worker:
@@ -252,12 +252,13 @@ class Worker:
     prover: bbrunner.Prover for /api/prove. circuits: optional dict name -> Prover
     served at /api/prove/<name> and /api/vk/<name>. slots: bbrunner.ProofSlots
     shared by all worker processes. work_dir: where per-request witness files and
-    bb output live. Limits in bytes and seconds as in settings.py.
+    bb output live. Limits in bytes and seconds as in settings.py; max_queued: proof
+    requests this process holds beyond its proof slots (uploading or waiting).
     response_format: "json" or "binary", the proof format when Accept does not choose.
     """
 
     def __init__(self, prover, slots, work_dir, max_body_bytes, max_witness_bytes,
-                 queue_timeout, upload_timeout, circuits=None, response_format="json"):
+                 queue_timeout, upload_timeout, circuits=None, response_format="json", max_queued=16):
         self.prover = prover
         self.circuits = dict(circuits or {})
         self.slots = slots
@@ -267,6 +268,8 @@ class Worker:
         self.queue_timeout = queue_timeout
         self.upload_timeout = upload_timeout
         self.response_format = response_format
+        self.max_queued = max_queued
+        self.queued = 0  # proof requests of this process uploading or waiting for a slot
         self.routes = {
             ("GET", "/api/health"): self.health,
             ("GET", "/api/metrics"): self.metrics,
@@ -298,14 +301,16 @@ class Worker:
         except Exception:
             log.exception("request %s: unhandled error", request_id)
             reply = json_reply(500, {"error": HTTPError.title, "message": "unexpected server error"})
-        headers = [("Content-Type", reply.content_type), ("Content-Length", str(len(reply.body))),
-                   ("X-Request-Id", request_id)] + reply.headers
+        headers = [("Content-Length", str(len(reply.body))), ("X-Request-Id", request_id)] + reply.headers
+        if reply.content_type:
+            headers.insert(0, ("Content-Type", reply.content_type))
         start_response(status_line(reply.status), headers)
         fields = {"request_id": request_id, "method": method, "path": path, "status": reply.status,
                   "bytes_in": environ.get("bb_worker.bytes_in", 0), "bytes_out": len(reply.body),
                   "duration_ms": round((time.monotonic() - started) * 1000, 1),
                   "bb_exit_code": environ.get("bb_worker.bb_exit_code")}
-        access_log.info("%s %s %s %d in=%d out=%d ms=%.1f bb=%s", request_id, method, path, reply.status,
+        access_log.info("%s %s %s %d in=%d out=%d ms=%.1f bb=%s", request_id, method, printable(path),
+                        reply.status,
                         fields["bytes_in"], fields["bytes_out"], fields["duration_ms"],
                         "-" if fields["bb_exit_code"] is None else fields["bb_exit_code"], extra=fields)
         return [b""] if method == "HEAD" else [reply.body]
@@ -318,7 +323,7 @@ class Worker:
             for prefix, verb, target in (("/api/prove/", "POST", self.prove), ("/api/vk/", "GET", self.vk)):
                 if path.startswith(prefix):
                     name = path[len(prefix):]
-                    if name not in self.circuits or not CIRCUIT_NAME.match(name):
+                    if name not in self.circuits:  # only names settings.circuit_files() accepted
                         raise NotFound(f"no circuit named {name!r}",
                                        extra={"available_circuits": sorted(self.circuits)})
                     if lookup != verb:
@@ -343,12 +348,11 @@ class Worker:
 
     def health(self, environ, request_id):
         """Cheap: a stat() of bb, no subprocess (bbrunner.Prover.status caches the version)."""
-        available, version, detail = self.prover.status()
+        available, version, detail = self.prover.status()  # detail: the ELF description, or why not
         payload = {
             "status": "ok" if available else "unavailable",
             "architecture": platform.machine(),
-            "bb": {"available": available, "version": version,
-                   "binary_arch": self.prover.binary_arch() if available else detail},
+            "bb": {"available": available, "version": version, "binary_arch": detail},
             "verifier_target": self.prover.verifier_target,
             "timestamp": datetime.now(timezone.utc).isoformat(timespec="milliseconds").replace("+00:00", "Z"),
         }
@@ -368,16 +372,33 @@ class Worker:
     def vk(self, environ, request_id, name=None):
         prover = self.prover_for(name)
         try:
+            if not prover.vk_cached():  # computing it runs bb: take a proof slot like a proof
+                with self.slots.acquire(self.queue_timeout):
+                    prover.ensure_vk()
             vk, vk_hash = prover.vk_bytes()
             version = prover.version()
+        except bbrunner.SlotTimeout:
+            raise self.busy() from None
         except bbrunner.ProverError as exc:
-            raise prover_error(exc) from None
-        etag = f'"{vk_hash.hex()}"'
-        if etag in [t.strip() for t in environ.get("HTTP_IF_NONE_MATCH", "").split(",")]:
-            return Reply(304, b"", "application/json", [("ETag", etag)])
-        return json_reply(200, {"vk": base64.b64encode(vk).decode(), "vk_hash": "0x" + vk_hash.hex(),
-                                "bb_version": version, "verifier_target": prover.verifier_target,
-                                "circuit": name}, [("ETag", etag), ("Cache-Control", "no-cache")])
+            raise prover_error(exc)[0] from None
+        reply = json_reply(200, {"vk": base64.b64encode(vk).decode(), "vk_hash": "0x" + vk_hash.hex(),
+                                 "bb_version": version, "verifier_target": prover.verifier_target,
+                                 "circuit": name})
+        etag = f'"{hashlib.sha256(reply.body).hexdigest()[:32]}"'
+        wanted = [t.strip().removeprefix("W/") for t in environ.get("HTTP_IF_NONE_MATCH", "").split(",")]
+        if etag in wanted or "*" in wanted:
+            return Reply(304, b"", None, [("ETag", etag)])
+        return reply._replace(headers=[("ETag", etag), ("Cache-Control", "no-cache")])
+
+    def dequeue(self, environ):
+        """This request no longer counts as queued (it got a slot, or it is over)."""
+        if environ.pop("bb_worker.queued", False):
+            self.queued -= 1
+
+    def busy(self):
+        """The 503 for a request that found no proof slot in time."""
+        return ServiceUnavailable(f"all proof slots busy for {self.queue_timeout:g} s; retry later",
+                                  [("Retry-After", str(max(1, round(self.queue_timeout))))])
 
     # -- POST /api/prove[/<circuit>]
 
@@ -387,9 +408,15 @@ class Worker:
         length = environ.get("CONTENT_LENGTH") or ""
         if length.isdigit() and int(length) > self.max_body_bytes:
             raise PayloadTooLarge(f"request body is {length} bytes; the limit is {self.max_body_bytes}")
+        if self.queued >= self.max_queued:
+            observability.PROOFS.labels(circuit, "busy").inc()
+            raise ServiceUnavailable(f"{self.queued} proof requests already queued; retry later",
+                                     [("Retry-After", "1")])
         witness = os.path.join(self.work_dir, f"{request_id}.witness.gz")
         outdir = os.path.join(self.work_dir, f"{request_id}.out")
         watcher = None
+        self.queued += 1
+        environ["bb_worker.queued"] = True  # until run_prover gets a slot
         try:
             self.receive(environ, request_id, witness, outdir)
             watcher = watch_disconnect(environ.get("gunicorn.socket"), gevent.getcurrent())
@@ -398,9 +425,11 @@ class Worker:
             observability.PROOFS.labels(circuit, "client_gone").inc()
             raise
         finally:
-            remove(witness, outdir)  # first: a ClientGone may still land in the kill below
+            self.dequeue(environ)
+            remove(witness, outdir)  # first: a ClientGone may still land below
             if watcher is not None:
                 watcher.kill()  # blocks until it has stopped reading the socket
+                gevent.sleep(0)  # a ClientGone it already sent lands here, not in gunicorn
         if wants_binary(environ.get("HTTP_ACCEPT", ""), self.response_format):
             return Reply(200, result.proof, "application/octet-stream",
                          [("X-Public-Inputs", ",".join(result.public_inputs))])
@@ -410,7 +439,8 @@ class Worker:
     def receive(self, environ, request_id, witness, outdir):
         """Stream the body to `witness`, checked as gzip; create `outdir` for bb."""
         try:
-            os.makedirs(outdir)
+            os.makedirs(self.work_dir, mode=0o700, exist_ok=True)
+            os.mkdir(outdir, 0o700)
             sink = WitnessSink(witness, self.max_body_bytes, self.max_witness_bytes)
         except OSError as exc:
             log.error("request %s: cannot write to %s: %s", request_id, self.work_dir, exc)
@@ -436,8 +466,11 @@ class Worker:
                 slot = self.slots.take(self.queue_timeout)
         except bbrunner.SlotTimeout:
             observability.PROOFS.labels(circuit, "busy").inc()
-            raise ServiceUnavailable(f"all proof slots busy for {self.queue_timeout:g} s; retry later",
-                                     [("Retry-After", str(max(1, round(self.queue_timeout))))]) from None
+            raise self.busy() from None
+        except OSError as exc:
+            log.error("request %s: cannot take a proof slot in %s: %s", request_id, self.slots.lock_dir, exc)
+            raise ServiceUnavailable(f"cannot take a proof slot: {exc.strerror}", [("Retry-After", "5")]) from None
+        self.dequeue(environ)
         observability.QUEUE_SECONDS.observe(time.monotonic() - queued)
         started = time.monotonic()
         try:
@@ -445,9 +478,10 @@ class Worker:
                 result = prover.prove(witness, outdir)
         except bbrunner.ProverError as exc:
             environ["bb_worker.bb_exit_code"] = exc.returncode
-            observability.PROOFS.labels(circuit, OUTCOMES.get(type(exc), "crashed")).inc()
+            error, outcome = prover_error(exc)
+            observability.PROOFS.labels(circuit, outcome).inc()
             log.warning("request %s: %s: %s", request_id, type(exc).__name__, exc)
-            raise prover_error(exc) from None
+            raise error from None
         finally:
             self.slots.release(slot)
         environ["bb_worker.bb_exit_code"] = 0
@@ -487,33 +521,16 @@ def remove(*paths):
                 pass
 
 
-def load_circuits(directory, make_prover):
-    """Map name -> make_prover(path) for each <name>.json in `directory` with a valid name."""
-    circuits = {}
-    for entry in sorted(os.listdir(directory)):
-        name, ext = os.path.splitext(entry)
-        path = os.path.join(directory, entry)
-        if ext != ".json" or not os.path.isfile(path):
-            continue
-        if not CIRCUIT_NAME.match(name):
-            log.warning("CIRCUITS_DIR: skipping %r: names are letters, digits, '-' and '_'", entry)
-            continue
-        circuits[name] = make_prover(path)
-    return circuits
-
-
 def create_app():
     """Build the Worker from settings.py."""
     def make_prover(circuit):
-        return bbrunner.Prover(settings.BB_BINARY, circuit, settings.VK_CACHE_DIR,
-                               crs_dir=settings.BB_CRS_PATH, timeout=settings.PROVE_TIMEOUT_SECONDS,
-                               verifier_target=settings.VERIFIER_TARGET)
-    circuits = load_circuits(settings.CIRCUITS_DIR, make_prover) if settings.CIRCUITS_DIR else {}
+        return bbrunner.Prover(circuit=circuit, **settings.PROVER_OPTIONS)
+    circuits = {name: make_prover(path) for name, path in settings.circuit_files().items()}
     return Worker(make_prover(settings.CIRCUIT_PATH), bbrunner.ProofSlots(settings.SLOTS_DIR,
                   settings.MAX_CONCURRENT_PROOFS), settings.WORK_DIR, settings.MAX_BODY_BYTES,
                   settings.MAX_WITNESS_BYTES, settings.QUEUE_TIMEOUT_SECONDS,
                   settings.UPLOAD_TIMEOUT_SECONDS, circuits=circuits,
-                  response_format=settings.PROOF_RESPONSE_FORMAT)
+                  response_format=settings.PROOF_RESPONSE_FORMAT, max_queued=settings.MAX_QUEUED_REQUESTS)
 
 
 application = create_app()

@@ -32,6 +32,7 @@ UNSATISFIED_MARKER = "Builder failure when we have real witnesses"
 FIELD_BYTES = 32  # BN254 scalar field element, big-endian, in bb's public_inputs file
 KILL_WAIT_SECONDS = 5.0
 VERSION_TIMEOUT_SECONDS = 30.0
+VERSION_RETRY_SECONDS = 10.0  # after a failed `bb --version`, status() waits this long to run it again
 
 
 # ---------------------------------------------------------------- errors
@@ -238,6 +239,7 @@ class Prover:
         with open(circuit, "rb") as f:
             self.circuit_sha256 = hashlib.sha256(f.read()).hexdigest()
         self._seen = None  # (stat signature, version, ELF description) of bb
+        self._failed = None  # (stat signature, monotonic time to retry) after a failed --version
         self._vk_cache = None  # (vk path, vk bytes, vk_hash bytes)
         self._vk_lock = Semaphore()
 
@@ -253,8 +255,8 @@ class Prover:
         detail is the ELF description (describe_elf) when available, else why not.
 
         Runs `bb --version` and reads the ELF header only the first time and again
-        when the file changes (inode, size, mtime); otherwise one stat() and one
-        access() call.
+        when the file changes (inode, size, mtime), or VERSION_RETRY_SECONDS after a
+        failure; otherwise one stat() and one access() call.
         """
         try:
             signature = self._signature()
@@ -263,15 +265,19 @@ class Prover:
             return False, None, f"{self.binary}: {exc.strerror}"
         if not os.access(self.binary, os.X_OK):
             return False, None, f"{self.binary}: not executable"
+        failed = f"{self.binary}: does not run (bb --version failed)"
+        if self._failed is not None and self._failed[0] == signature and time.monotonic() < self._failed[1]:
+            return False, None, failed  # a failure is retried after a while, not on every call
         if self._seen is None or self._seen[0] != signature:
             try:
                 elf = describe_elf(self.binary)
             except OSError as exc:
                 elf = f"{self.binary}: {exc.strerror}"
             version = self._read_version()
-            if version is None:  # not cached: a passing failure (fork, load) must not stick
-                return False, None, f"{self.binary}: does not run (bb --version failed)"
-            self._seen = (signature, version, elf)
+            if version is None:  # not for good: a passing failure (fork, load) must not stick
+                self._failed = (signature, time.monotonic() + VERSION_RETRY_SECONDS)
+                return False, None, failed
+            self._seen, self._failed = (signature, version, elf), None
         _, version, elf = self._seen
         return True, version, elf
 
@@ -323,16 +329,22 @@ class Prover:
         with self._vk_lock:
             try:
                 os.makedirs(self.vk_cache_dir, exist_ok=True)
-                lock = open(os.path.join(self.vk_cache_dir, ".lock"), "w")
+                lock = os.open(os.path.join(self.vk_cache_dir, ".lock"), os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o644)
             except OSError as exc:
                 raise ProverUnavailable(
                     f"cannot write the verification key cache {self.vk_cache_dir}: {exc.strerror} "
                     "(set VK_CACHE_DIR to a writable directory, or bake the VK in)") from None
-            with lock:
-                _flock(lock.fileno(), time.monotonic() + self.timeout)
+            try:
+                _flock(lock, time.monotonic() + self.timeout)
                 if not os.path.exists(vk):
                     self._write_vk(target)
+            finally:
+                os.close(lock)
         return vk
+
+    def vk_cached(self):
+        """True when the VK is on disk already (ensure_vk would not run bb)."""
+        return os.path.exists(os.path.join(self.vk_dir(), "vk"))
 
     def vk_bytes(self):
         """Return (vk, vk_hash): the bytes of bb's `vk` and `vk_hash` files (bb 5 binary format).
@@ -341,23 +353,30 @@ class Prover:
         """
         vk = self.ensure_vk()
         if self._vk_cache is None or self._vk_cache[0] != vk:
-            with open(vk, "rb") as f:
-                data = f.read()
-            with open(os.path.join(os.path.dirname(vk), "vk_hash"), "rb") as f:
-                digest = f.read()
+            try:
+                with open(vk, "rb") as f:
+                    data = f.read()
+                with open(os.path.join(os.path.dirname(vk), "vk_hash"), "rb") as f:
+                    digest = f.read()
+            except OSError as exc:
+                raise ProverUnavailable(f"cannot read the verification key: {exc.strerror}") from None
             self._vk_cache = (vk, data, digest)
         return self._vk_cache[1], self._vk_cache[2]
 
     def _write_vk(self, target):
+        """Run `bb write_vk` into a temp dir and move it to `target` (caller holds the lock)."""
         tmp = f"{target}.tmp-{os.getpid()}"
-        os.makedirs(tmp, exist_ok=True)
         try:
+            os.makedirs(tmp, exist_ok=True)
             argv = [self.binary, "write_vk", "-b", self.circuit, "-o", tmp] + self._base_args()
             code, _, err = run(argv, self.timeout)
             if code != 0 or not os.path.exists(os.path.join(tmp, "vk")):
                 reason = failure_reason(err, hide=(tmp, self.circuit))
                 raise ProverCrashed(code, f"bb write_vk failed: {reason}")
+            shutil.rmtree(target, ignore_errors=True)  # a partial one, e.g. `vk` removed by a cleaner
             os.replace(tmp, target)
+        except OSError as exc:
+            raise ProverUnavailable(f"cannot write the verification key: {exc.strerror}") from None
         finally:
             shutil.rmtree(tmp, ignore_errors=True)
 
@@ -415,6 +434,7 @@ class ProofSlots:
     def __init__(self, lock_dir, count, poll=0.02):
         self.lock_dir = lock_dir  # created on first use
         self._line = deque()  # gevent Events of this process's waiters, oldest first
+        self._freed = Event()  # set by release(): the head of the line looks again at once
         self.paths = [os.path.join(lock_dir, f"slot-{i}.lock") for i in range(count)]
         self.poll = poll
 
@@ -454,12 +474,13 @@ class ProofSlots:
                 return fd
             if time.monotonic() >= deadline:
                 raise SlotTimeout(f"no proof slot free within {timeout:g} s")
-            gevent.sleep(self.poll)
+            self._freed.clear()
+            self._freed.wait(self.poll)  # a slot freed in this process wakes it; others are polled
 
-    @staticmethod
-    def release(token):
+    def release(self, token):
         """Free the slot that take() returned."""
         os.close(token)  # closing the descriptor drops the flock
+        self._freed.set()
 
     @contextmanager
     def acquire(self, timeout):

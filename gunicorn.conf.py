@@ -11,17 +11,6 @@ try:
 except ValueError as exc:  # settings.ConfigError: a bad environment variable
     sys.exit(f"bb-worker: bad configuration: {exc}")
 
-# Metrics: with one worker, prometheus_client's in-process registry is exact. With
-# several, its multiprocess mode: each worker writes samples to mmap'ed files that
-# /api/metrics merges. Those files live in RAM (/dev/shm), in a directory of this
-# server's own, never in TMPDIR: a full TMPDIR would SIGBUS a worker writing to an
-# mmap'ed page. Set before anything imports prometheus_client.
-if settings.WEB_CONCURRENCY > 1 and not os.environ.get("PROMETHEUS_MULTIPROC_DIR"):
-    import tempfile
-
-    os.environ["PROMETHEUS_MULTIPROC_DIR"] = tempfile.mkdtemp(
-        prefix="bb-worker-metrics-", dir="/dev/shm" if os.path.isdir("/dev/shm") else None)
-
 # ---------------------------------------------------------------- app and socket
 wsgi_app = "app:application"
 chdir = settings.APP_DIR
@@ -52,47 +41,56 @@ keepalive = 5
 # "bb_worker.access" logger; gunicorn's own access log would repeat it.
 accesslog = None
 errorlog = "-"
-loglevel = os.environ.get("LOG_LEVEL", "info")
+loglevel = settings.LOG_LEVEL
 _STDERR = {"class": "logging.StreamHandler", "formatter": "generic", "stream": "ext://sys.stderr"}
 logconfig_dict = {  # gunicorn's defaults, plus the app's "bb_worker" loggers on stderr
     "version": 1,
     "disable_existing_loggers": False,
-    "root": {"level": "INFO", "handlers": ["console"]},
+    "root": {"level": settings.LOG_LEVEL.upper(), "handlers": ["console"]},
     "loggers": {
-        "gunicorn.error": {"level": "INFO", "handlers": ["error_console"], "propagate": False,
+        "gunicorn.error": {"level": settings.LOG_LEVEL.upper(), "handlers": ["error_console"], "propagate": False,
                            "qualname": "gunicorn.error"},
-        "bb_worker": {"level": "INFO", "handlers": ["console"], "propagate": False},
+        "bb_worker": {"level": settings.LOG_LEVEL.upper(), "handlers": ["console"], "propagate": False},
     },
     "handlers": {"console": _STDERR, "error_console": _STDERR},
     "formatters": {"generic": {"format": "%(asctime)s [%(process)d] [%(levelname)s] %(name)s: %(message)s",
                                "datefmt": "[%Y-%m-%d %H:%M:%S %z]"}},
 }
 if settings.LOG_FORMAT == "json":  # LOG_FORMAT=json: one JSON object per line, access and error logs
-    logconfig_dict["formatters"]["generic"] = {"()": "observability.JsonFormatter"}
+    from jsonlog import JsonFormatter as _JsonFormatter
+
+    logconfig_dict["formatters"]["generic"] = {"()": _JsonFormatter}
 
 
 # ---------------------------------------------------------------- hooks
-def _empty_dir(path):
-    import shutil
-
-    shutil.rmtree(path, ignore_errors=True)
-    os.makedirs(path, exist_ok=True)
-
+# The master never imports app.py (no preload: HUP reloads the code); workers do.
 
 def on_starting(server):
-    """In the master, before any worker: clear stale files, compute the VKs once."""
-    _empty_dir(settings.WORK_DIR)  # leftovers of a SIGKILLed run: no `finally` ran there
-    import app as worker_app
+    """In the master, before any worker: clear stale files, set up metrics, compute the VKs once."""
+    import shutil
+    import tempfile
 
-    available, version, detail = worker_app.application.prover.status()
-    if not available:
-        server.log.warning("bb is not available (%s): /api/health answers 503", detail)
-        return
-    provers = {"default": worker_app.application.prover, **worker_app.application.circuits}
-    for name, prover in provers.items():
+    shutil.rmtree(settings.WORK_DIR, ignore_errors=True)  # leftovers of a SIGKILLed run
+    # Metrics: with one worker prometheus_client's in-process registry is exact. With
+    # several, its multiprocess mode: each worker writes samples to mmap'ed files that
+    # /api/metrics merges. They live in RAM (/dev/shm) in a directory of this server's
+    # own, never in TMPDIR: a full TMPDIR would SIGBUS a worker writing an mmap'ed page.
+    if settings.WEB_CONCURRENCY > 1 and not os.environ.get("PROMETHEUS_MULTIPROC_DIR"):
+        os.environ["PROMETHEUS_MULTIPROC_DIR"] = tempfile.mkdtemp(
+            prefix="bb-worker-metrics-", dir="/dev/shm" if os.path.isdir("/dev/shm") else None)
+
+    import bbrunner
+
+    circuits = {"default": settings.CIRCUIT_PATH, **settings.circuit_files()}
+    for name, path in circuits.items():
+        prover = bbrunner.Prover(circuit=path, **settings.PROVER_OPTIONS)
+        available, version, detail = prover.status()
+        if not available:
+            server.log.warning("bb is not available (%s): /api/health answers 503", detail)
+            return
         try:
             vk = prover.ensure_vk()
-        except Exception as exc:  # noqa: BLE001 - logged; the first proof will retry
+        except bbrunner.ProverError as exc:  # logged; the first request for it will retry
             server.log.error("circuit %s: could not compute the verification key: %s", name, exc)
         else:
             server.log.info("circuit %s: bb %s ready, VK at %s", name, version, vk)

@@ -1,15 +1,11 @@
-"""Prometheus metrics and JSON log lines for bb-worker.
+"""Prometheus metrics of bb-worker, with prometheus_client.
 
-Metrics use prometheus_client. Under gunicorn each worker is a process, so
-gunicorn.conf.py sets PROMETHEUS_MULTIPROC_DIR before this module is imported:
-every process then writes its samples to files there and GET /api/metrics
-merges them (prometheus_client's multiprocess mode). Without that variable (a
-direct WSGI call in tests) the default single-process registry is used.
+With one gunicorn worker the default in-process registry is exact. With several
+(WEB_CONCURRENCY > 1), gunicorn.conf.py sets PROMETHEUS_MULTIPROC_DIR before any
+worker imports this module: every process then writes its samples to files
+there and GET /api/metrics merges them (prometheus_client's multiprocess mode).
 """
-import json
-import logging
 import os
-import time
 
 from prometheus_client import (CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Gauge, Histogram,
                                REGISTRY, generate_latest)
@@ -47,22 +43,3 @@ def worker_exited(pid):
     """Drop a dead worker's live gauges (gunicorn child_exit hook)."""
     if MULTIPROCESS:
         multiprocess.mark_process_dead(pid)
-
-
-# ---------------------------------------------------------------- logs
-
-_STANDARD = set(vars(logging.LogRecord("", 0, "", 0, "", (), None))) | {"message", "asctime"}
-
-
-class JsonFormatter(logging.Formatter):
-    """One JSON object per line: time (UTC ISO-8601), level, logger, message, and the
-    record's `extra` fields (request_id, status, bytes_in, ... for access lines)."""
-
-    def format(self, record):
-        line = {"time": time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(record.created))
-                + f".{int(record.msecs):03d}Z",
-                "level": record.levelname, "logger": record.name, "message": record.getMessage()}
-        line.update((k, v) for k, v in vars(record).items() if k not in _STANDARD)
-        if record.exc_info:
-            line["exception"] = self.formatException(record.exc_info)
-        return json.dumps(line, default=str)

@@ -2,10 +2,12 @@
 
 A bad value raises ConfigError (a ValueError) naming the variable, so the server
 stops at start-up instead of failing on the first request. gunicorn.conf.py,
-app.py and the tests read the constants below; nothing else reads os.environ.
+app.py, scripts/precompute_vk.py and the tests read the constants below.
+(PROMETHEUS_MULTIPROC_DIR is prometheus_client's own: gunicorn.conf.py sets it.)
 """
+import logging
 import os
-import tempfile
+import re
 
 APP_DIR = os.path.dirname(os.path.abspath(__file__))
 MiB = 1024 * 1024
@@ -66,6 +68,15 @@ def _circuit(name, default):
     return path
 
 
+def _writable_directory(name, default):
+    path = os.path.abspath(_raw(name, default))
+    if not os.path.isdir(path):
+        raise ConfigError(f"{name}={path!r} is not a directory")
+    if not os.access(path, os.W_OK | os.X_OK):
+        raise ConfigError(f"{name}={path!r} is not writable")
+    return path
+
+
 def _directory(name, default):
     path = _raw(name, default)
     if path is None:
@@ -91,13 +102,37 @@ PROVE_TIMEOUT_SECONDS = _seconds("PROVE_TIMEOUT_SECONDS", 90)
 CIRCUITS_DIR = _directory("CIRCUITS_DIR", None)
 if CIRCUITS_DIR is not None and not os.path.isdir(CIRCUITS_DIR):
     raise ConfigError(f"CIRCUITS_DIR={CIRCUITS_DIR!r} does not exist")
+CIRCUIT_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_-]{0,63}$")
+RESERVED_NAMES = ("default",)  # the metrics label of CIRCUIT_PATH
+
+
+def circuit_files(directory=CIRCUITS_DIR):
+    """Map name -> path (str) of each <name>.json file in `directory` (CIRCUITS_DIR).
+
+    Names are letters, digits, '-' and '_' (at most 64), never "default"; other
+    files are skipped with a warning. Empty when `directory` is None.
+    """
+    circuits = {}
+    for entry in sorted(os.listdir(directory)) if directory else []:
+        name, ext = os.path.splitext(entry)
+        path = os.path.join(directory, entry)
+        if ext != ".json" or not os.path.isfile(path):
+            continue
+        if not CIRCUIT_NAME.match(name) or name in RESERVED_NAMES:
+            logging.getLogger("bb_worker").warning(
+                "CIRCUITS_DIR: skipping %r: names are letters, digits, '-' and '_', not 'default'", entry)
+            continue
+        circuits[name] = path
+    return circuits
+
 
 # ---------------------------------------------------------------- responses and logs
 PROOF_RESPONSE_FORMAT = _choice("PROOF_RESPONSE_FORMAT", "json", ("json", "binary"))
 LOG_FORMAT = _choice("LOG_FORMAT", "text", ("text", "json"))
+LOG_LEVEL = _choice("LOG_LEVEL", "info", ("debug", "info", "warning", "error", "critical"))
 
 # ---------------------------------------------------------------- files
-TMPDIR = tempfile.gettempdir()  # honours TMPDIR
+TMPDIR = _writable_directory("TMPDIR", "/tmp")
 WORK_DIR = os.path.join(TMPDIR, "bb-proofs")
 VK_CACHE_DIR = _directory("VK_CACHE_DIR", os.path.join(TMPDIR, "bb-worker-vk"))
 SLOTS_DIR = os.path.join(TMPDIR, "bb-worker-slots")
@@ -106,5 +141,12 @@ SLOTS_DIR = os.path.join(TMPDIR, "bb-worker-slots")
 MAX_BODY_BYTES = _int("MAX_BODY_BYTES", 50 * MiB, 1)
 MAX_WITNESS_BYTES = _int("MAX_WITNESS_BYTES", 512 * MiB, 1)
 MAX_CONCURRENT_PROOFS = _int("MAX_CONCURRENT_PROOFS", 1, 1, 1024)
+# Per worker process: proof requests uploading or waiting for a slot; more get 503 at once.
+# Bounds the disk the witnesses take: (this + proving) x MAX_BODY_BYTES per process.
+MAX_QUEUED_REQUESTS = _int("MAX_QUEUED_REQUESTS", 16, 1, 100000)
 QUEUE_TIMEOUT_SECONDS = _seconds("QUEUE_TIMEOUT_SECONDS", 30)
 UPLOAD_TIMEOUT_SECONDS = _seconds("UPLOAD_TIMEOUT_SECONDS", 30)
+
+# bbrunner.Prover's keyword arguments for every served circuit: Prover(circuit=path, **PROVER_OPTIONS).
+PROVER_OPTIONS = {"binary": BB_BINARY, "vk_cache_dir": VK_CACHE_DIR, "crs_dir": BB_CRS_PATH,
+                  "timeout": PROVE_TIMEOUT_SECONDS, "verifier_target": VERIFIER_TARGET}

@@ -2,9 +2,10 @@
 
 Runs `npm pack @aztec/bb.js@<version>` in a temp dir and extracts the native
 binary `package/build/<arch>-linux/bb` for the build machine (x86_64 -> amd64,
-aarch64 -> arm64, or --arch) to the target path (default: `.bb/bb` beside this
-project's app.py, or $BB_BINARY). Does nothing when a bb of the right version is
-already there. Exits non-zero with a one-line reason when npm is missing, the
+aarch64 -> arm64, or --arch) to the target path (--dest, default `.bb/bb` beside
+this project's app.py). Does nothing when a bb of the right version is already
+there. When $BB_BINARY names an existing file (your own bb) and --dest is not
+given, it is only checked, never replaced: a warning if its version differs. Exits non-zero with a one-line reason when npm is missing, the
 download fails, or the extracted binary does not report the expected version.
 
 Usage: python scripts/install_bb.py [--version 5.0.0] [--arch amd64|arm64] [--dest PATH]
@@ -113,9 +114,17 @@ def main(argv=None):
     parser.add_argument("--version", default=BB_VERSION, help="npm version of @aztec/bb.js")
     parser.add_argument("--arch", choices=sorted(set(ARCHES.values())),
                         help="binary architecture (default: this machine's)")
-    parser.add_argument("--dest", default=os.environ.get("BB_BINARY") or DEFAULT_DEST,
-                        help="where to put bb (default: $BB_BINARY or .bb/bb)")
+    parser.add_argument("--dest", help="where to put bb (default: $BB_BINARY or .bb/bb)")
     args = parser.parse_args(argv)
+    own = os.environ.get("BB_BINARY")
+    if args.dest is None and own and os.path.exists(own):
+        found = installed_version(own)
+        if not version_matches(found, args.version):
+            print(f"install_bb: warning: BB_BINARY={own} reports {found!r}, not {args.version}; "
+                  "left as it is", file=sys.stderr)
+        print(f"bb {found} at BB_BINARY={own} (not replaced)")
+        return 0
+    args.dest = args.dest or own or DEFAULT_DEST
     native = ARCHES.get(platform.machine())
     arch = args.arch or native
     if arch is None:

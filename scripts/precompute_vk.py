@@ -139,16 +139,10 @@ def vk_main():
         raise PrecomputeError(f"bad configuration: {exc}") from None
     import bbrunner
 
-    circuits = [settings.CIRCUIT_PATH]
-    circuits_dir = getattr(settings, "CIRCUITS_DIR", None)  # optional: more circuits the server serves
-    if circuits_dir:
-        circuits += sorted(os.path.join(circuits_dir, name) for name in os.listdir(circuits_dir)
-                           if name.endswith(".json"))
+    circuits = [settings.CIRCUIT_PATH] + list(settings.circuit_files().values())  # what the server serves
     largest = 0
     for circuit in circuits:
-        prover = bbrunner.Prover(settings.BB_BINARY, circuit, settings.VK_CACHE_DIR,
-                                 crs_dir=settings.BB_CRS_PATH, timeout=settings.PROVE_TIMEOUT_SECONDS,
-                                 verifier_target=settings.VERIFIER_TARGET)
+        prover = bbrunner.Prover(circuit=circuit, **settings.PROVER_OPTIONS)
         available, version, detail = prover.status()
         if not available:
             raise PrecomputeError(f"bb is not available: {detail}")

@@ -44,15 +44,13 @@ def bb():
 
 @pytest.fixture(scope="session")
 def crs_dir(tmp_path_factory):
-    """A CRS dir bb can use offline: $BB_CRS_PATH, else a writable copy of ../shared/crs, else None."""
-    if os.environ.get("BB_CRS_PATH"):
-        return os.environ["BB_CRS_PATH"]
+    """A CRS dir bb can use offline: a writable copy of ../shared/crs, else $BB_CRS_PATH, else None."""
     if os.path.exists(os.path.join(SHARED_CRS, "bn254_g1.dat")):
         target = tmp_path_factory.mktemp("crs")
         for name in ("bn254_g1.dat", "bn254_g2.dat"):
             shutil.copyfile(os.path.join(SHARED_CRS, name), target / name)
         return str(target)
-    return None  # bb's default ~/.bb-crs
+    return os.environ.get("BB_CRS_PATH") or None  # None: bb's default ~/.bb-crs
 
 
 def crs_args(crs_dir):

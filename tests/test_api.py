@@ -174,3 +174,16 @@ def test_bb_killed_by_signal_is_500_and_next_request_works(start_server, fake_bb
     assert "SIGSEGV" in body["message"]
     status, _, body = request_json(srv.port, "GET", "/api/health")
     assert status == 200
+
+
+def test_control_characters_in_the_path_cannot_forge_log_lines(server):
+    status, headers, _ = request(server.port, "GET", "/x%0aFORGED%1b[31m")
+    assert status == 404
+    rid = headers["x-request-id"]
+    for _ in range(50):
+        line = [x for x in server.output().splitlines() if rid in x]
+        if line:
+            break
+        time.sleep(0.1)
+    assert "/x\\nFORGED\\u001b[31m 404" in line[0]
+    assert not any(x.startswith("FORGED") for x in server.output().splitlines())

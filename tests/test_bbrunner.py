@@ -309,22 +309,28 @@ def test_status_of_a_bb_that_does_not_run(tmp_path):
     assert "does not run" in detail
 
 
-def test_status_recovers_after_a_transient_version_failure(tmp_path):
-    """BUG: a failed `bb --version` is cached until bb's file changes, so one transient
-    failure (fork EAGAIN, a slow start under load) keeps /api/health at 503 and every
-    proof at 500 until a restart."""
-    marker = tmp_path / "failed-once"
+def test_status_recovers_after_a_transient_version_failure(tmp_path, monkeypatch):
+    """One failed `bb --version` (fork EAGAIN, a slow start under load) must not keep
+    /api/health at 503 and every proof at 500 until a restart; nor may a failing bb
+    run `bb --version` on every health call."""
+    monkeypatch.setattr(bbrunner, "VERSION_RETRY_SECONDS", 1.0)
+    marker, calls = tmp_path / "failed-once", tmp_path / "calls"
     binary = write_script(tmp_path / "bb", f"""\
         #!/bin/sh
+        echo x >> "{calls}"
         if [ ! -e "{marker}" ]; then touch "{marker}"; exit 1; fi
         echo 5.0.0-fake
         """)
     prover = make_prover(binary, tmp_path)
     assert prover.status()[0] is False
+    for _ in range(5):  # within the retry interval: the failure is remembered, bb is not run
+        assert prover.status()[0] is False
+    assert len(calls.read_text().split()) == 1
     deadline = time.monotonic() + 3
     while not prover.status()[0] and time.monotonic() < deadline:
         time.sleep(0.1)
     assert prover.status()[:2] == (True, "5.0.0-fake")
+    assert len(calls.read_text().split()) == 2
 
 
 # ---------------------------------------------------------------- the verification key

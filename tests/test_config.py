@@ -51,6 +51,8 @@ def bad_file(tmp_path):
     ("WEB_CONCURRENCY", "0"), ("MAX_BODY_BYTES", "0"), ("MAX_WITNESS_BYTES", "-5"),
     ("QUEUE_TIMEOUT_SECONDS", "-3"), ("UPLOAD_TIMEOUT_SECONDS", "x"),
     ("BB_CRS_PATH", "{bad_file}"), ("VK_CACHE_DIR", "{bad_file}"),
+    ("TMPDIR", "/nonexistent"), ("TMPDIR", "{bad_file}"), ("LOG_LEVEL", "verbose"),
+    ("MAX_QUEUED_REQUESTS", "0"), ("LOG_FORMAT", "xml"), ("PROOF_RESPONSE_FORMAT", "cbor"),
 ])
 def test_bad_environment_stops_the_server_naming_the_variable(tmp_path, bad_file, name, value):
     env = env_for(tmp_path, **{name: value.format(bad_file=bad_file)})

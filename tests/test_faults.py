@@ -1,6 +1,7 @@
 """Limits and faults on a live server: sizes, gzip bombs, slots, stalls, disconnects, SIGTERM, disk."""
 import gzip
 import os
+import shutil
 import signal
 import socket
 import statistics
@@ -245,16 +246,16 @@ def test_sigterm_lets_the_proof_in_flight_finish(start_server, fake_bb, tmp_path
 
 def test_temp_dir_not_writable_is_503_then_recovers(start_server):
     srv = start_server()
-    os.rmdir(srv.work_dir)
+    shutil.rmtree(srv.work_dir, ignore_errors=True)
     with open(srv.work_dir, "w") as f:  # a file where the directory should be
         f.write("x")
     status, headers, body = request_json(srv.port, "POST", "/api/prove", WITNESS)
     assert status == 503
     assert body["message"].startswith("temp dir is not writable")
     assert "retry-after" in headers
-    os.unlink(srv.work_dir)
-    os.mkdir(srv.work_dir)
+    os.unlink(srv.work_dir)  # the server makes the directory again itself
     assert request(srv.port, "POST", "/api/prove", WITNESS)[0] == 200
+    assert os.stat(srv.work_dir).st_mode & 0o777 == 0o700
 
 
 def test_temp_dir_full_is_503_then_recovers(start_server, tmp_path):
@@ -311,3 +312,42 @@ def test_health_stays_fast_while_proofs_saturate_the_cpus(start_server, capsys):
     with capsys.disabled():
         print(f"\nhealth under load: median {statistics.median(timings):.1f} ms, max {max(timings):.1f} ms")
     assert statistics.median(timings) < 100
+
+
+# ---------------------------------------------------------------- the queue
+
+def test_queue_is_bounded_per_worker(start_server, fake_bb):
+    srv = start_server(BB_BINARY=fake_bb, FAKE_BB_DELAY=2, MAX_CONCURRENT_PROOFS=1, MAX_QUEUED_REQUESTS=1)
+    results = []
+    threads = [threading.Thread(target=lambda: results.append(request(srv.port, "POST", "/api/prove", WITNESS)[0]))
+               for _ in range(2)]
+    for t in threads:  # one proves, one waits for the slot
+        t.start()
+        time.sleep(0.3)
+    started = time.monotonic()
+    status, headers, body = request_json(srv.port, "POST", "/api/prove", WITNESS)
+    assert status == 503 and time.monotonic() - started < 1  # at once, not after the queue timeout
+    assert "already queued" in body["message"] and headers["retry-after"] == "1"
+    for t in threads:
+        t.join()
+    assert sorted(results) == [200, 200]
+    assert request(srv.port, "POST", "/api/prove", WITNESS)[0] == 200  # the count went back down
+
+
+def test_client_gone_while_queued_leaves_the_queue(start_server, fake_bb, tmp_path):
+    pidfile = tmp_path / "pids"
+    srv = start_server(BB_BINARY=fake_bb, FAKE_BB_PIDFILE=pidfile, FAKE_BB_DELAY=3, MAX_CONCURRENT_PROOFS=1)
+    first = []
+    t = threading.Thread(target=lambda: first.append(request(srv.port, "POST", "/api/prove", WITNESS)[0]))
+    t.start()
+    assert wait_for(lambda: pids_in(pidfile))
+    s = socket.create_connection(("127.0.0.1", srv.port))
+    s.sendall(b"POST /api/prove HTTP/1.1\r\nHost: x\r\nContent-Length: %d\r\n\r\n" % len(WITNESS) + WITNESS)
+    time.sleep(0.3)
+    s.close()
+    # It leaves at once (a 499 in the log) while the first proof still runs, and never starts bb.
+    assert wait_for(lambda: " 499 " in srv.output(), timeout=2)
+    t.join()
+    assert first == [200]
+    assert len(pids_in(pidfile)) == 1
+    assert srv.leftovers() == []

@@ -1,6 +1,7 @@
 """Binary replies, verifier targets, /api/vk, metrics, JSON logs and several circuits (real bb)."""
 import base64
 import json
+import re
 import os
 import shutil
 import subprocess
@@ -78,9 +79,12 @@ def test_vk_endpoint_serves_the_circuit_vk(server, reference_vk):
         assert body["vk_hash"] == "0x" + f.read().hex()
     assert body["bb_version"].startswith("5.0.0")
     assert body["verifier_target"] is None
-    assert headers["etag"] == f'"{body["vk_hash"][2:]}"'
-    status, headers2, data = request(server.port, "GET", "/api/vk", headers={"If-None-Match": headers["etag"]})
-    assert status == 304 and data == b"" and headers2["etag"] == headers["etag"]
+    assert re.fullmatch(r'"[0-9a-f]{32}"', headers["etag"])  # a digest of the whole reply
+    for tags in (headers["etag"], f'"other", W/{headers["etag"]}', "*"):
+        status, headers2, data = request(server.port, "GET", "/api/vk", headers={"If-None-Match": tags})
+        assert status == 304 and data == b"" and headers2["etag"] == headers["etag"]
+        assert "content-type" not in headers2
+    assert request(server.port, "GET", "/api/vk", headers={"If-None-Match": '"other"'})[0] == 200
 
 
 def test_evm_target_proof_verifies_only_as_evm(start_server, verify, tmp_path):
@@ -164,6 +168,7 @@ def circuits_dir(tmp_path):
     shutil.copyfile(CIRCUIT, d / "demo.json")
     shutil.copyfile(os.path.join(FIXTURES, "other_circuit.json"), d / "other.json")
     shutil.copyfile(CIRCUIT, d / "bad name.json")
+    shutil.copyfile(CIRCUIT, d / "default.json")  # reserved: the metrics label of CIRCUIT_PATH
     (d / "notes.txt").write_text("not a circuit")
     return d
 
@@ -190,7 +195,8 @@ def test_several_circuits(start_server, circuits_dir, bb, crs_dir, verify, tmp_p
     status, _, body = request_json(srv.port, "POST", "/api/prove", WITNESS)
     assert status == 200  # /api/prove still serves CIRCUIT_PATH
 
-    for path in ("/api/prove/nope", "/api/prove/bad%20name", "/api/prove/../circuit", "/api/prove/",
+    for path in ("/api/prove/nope", "/api/prove/bad%20name", "/api/prove/default", "/api/prove/../circuit",
+                 "/api/prove/",
                  "/api/prove/demo/x"):
         status, _, body = request_json(srv.port, "POST", path, WITNESS)
         assert status == 404, path
@@ -200,3 +206,13 @@ def test_several_circuits(start_server, circuits_dir, bb, crs_dir, verify, tmp_p
     status, _, body = request_json(srv.port, "GET", "/nope")
     assert "/api/prove/<circuit>" in body["available_endpoints"]
     assert srv.leftovers() == []
+
+
+def test_log_level_warning_drops_access_lines(start_server):
+    srv = start_server(LOG_LEVEL="warning")
+    request(srv.port, "POST", "/api/prove", WITNESS)
+    request(srv.port, "POST", "/api/prove", fixture_bytes("unsatisfied.gz"))
+    srv.stop()
+    out = srv.output()
+    assert "bb_worker.access" not in out and "[INFO]" not in out
+    assert "ProverFailed" in out  # the warning for the rejected witness is kept

@@ -159,3 +159,14 @@ def test_real_install_from_npm(tmp_path):
     assert "installed at" in proc.stdout
     version = subprocess.run([str(dest), "--version"], capture_output=True, text=True, timeout=30).stdout
     assert install_bb.version_matches(version.strip(), install_bb.BB_VERSION), version
+
+
+def test_users_own_bb_binary_is_checked_never_replaced(tmp_path):
+    own = tmp_path / "my-bb"
+    own.write_text("#!/bin/sh\necho 4.2.0\n")
+    own.chmod(0o755)
+    env = dict(os.environ, BB_BINARY=str(own), PATH="/nonexistent")  # no npm: nothing may be fetched
+    proc = subprocess.run([sys.executable, SCRIPT], env=env, capture_output=True, text=True, timeout=60)
+    assert proc.returncode == 0
+    assert "not replaced" in proc.stdout and "4.2.0" in proc.stderr
+    assert own.read_text() == "#!/bin/sh\necho 4.2.0\n"

@@ -122,7 +122,7 @@ def send(port, kind, body):
 
 def test_mixed_load(start_server, bb, verify, capsys):
     srv = start_server(WEB_CONCURRENCY=2, MAX_BODY_BYTES=MAX_BODY, MAX_WITNESS_BYTES=MAX_WITNESS,
-                       QUEUE_TIMEOUT_SECONDS=60)
+                       QUEUE_TIMEOUT_SECONDS=60, MAX_QUEUED_REQUESTS=CLIENTS)
     rng = random.Random(20261129)
     plan = make_plan(rng)
     work = queue.Queue()

@@ -65,8 +65,8 @@ app.use(
   cors({
     origin: "*",
     allowMethods: ["GET", "HEAD", "POST", "OPTIONS"],
-    allowHeaders: ["Content-Type", "Content-Encoding", "Accept", "Authorization"],
-    exposeHeaders: ["Content-Length", "X-Request-Id", "Retry-After"],
+    allowHeaders: ["Content-Type", "Content-Encoding", "Accept", "Authorization", "If-None-Match"],
+    exposeHeaders: ["Content-Length", "X-Request-Id", "Retry-After", "X-Public-Inputs", "ETag"],
     maxAge: 86400,
   }),
 );
