@@ -245,6 +245,15 @@ def server(tmp_path_factory, crs_dir):
     srv.stop()
 
 
+def alive(pid):
+    """True if `pid` exists and is not a zombie."""
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().rsplit(")", 1)[1].split()[0] != "Z"
+    except OSError:
+        return False
+
+
 def parent_pid(pid):
     try:
         with open(f"/proc/{pid}/stat") as f:

@@ -12,7 +12,7 @@ import gevent
 import pytest
 
 import bbrunner
-from conftest import CIRCUIT, FIXTURES, ROOT, expected, write_script
+from conftest import CIRCUIT, FIXTURES, ROOT, alive, expected, write_script
 
 NOISY_STDERR = (b"Scheme is: ultra_honk, num threads: 8 (mem: 5.1 MiB)\n"
                 b"CircuitProve: Proving key computed in 3 ms (mem: 6 MiB)\n"
@@ -158,15 +158,6 @@ def test_describe_elf_of_a_missing_file_raises_oserror(tmp_path):
 
 
 # ---------------------------------------------------------------- run()
-
-def alive(pid):
-    """True if `pid` exists and is not a zombie."""
-    try:
-        with open(f"/proc/{pid}/stat") as f:
-            return f.read().rsplit(")", 1)[1].split()[0] != "Z"
-    except OSError:
-        return False
-
 
 SPAWNER = """\
 #!/bin/sh

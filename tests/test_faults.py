@@ -11,7 +11,7 @@ import time
 
 import pytest
 
-from conftest import bb_processes, fixture_bytes, request, request_json
+from conftest import alive, bb_processes, fixture_bytes, request, request_json
 
 WITNESS = fixture_bytes("valid_1.gz")
 
@@ -43,14 +43,6 @@ def pids_in(path):
         return []
     with open(path) as f:
         return [int(line) for line in f if line.strip()]
-
-
-def alive(pid):
-    try:
-        with open(f"/proc/{pid}/stat") as f:
-            return f.read().rsplit(")", 1)[1].split()[0] != "Z"
-    except OSError:
-        return False
 
 
 def wait_for(predicate, timeout=10.0):
