@@ -5,7 +5,6 @@ import json
 import os
 import platform
 import re
-import tempfile
 import time
 import uuid
 from datetime import datetime, timezone
@@ -24,14 +23,9 @@ ELF_TEXT = "/x/bb: ELF 64-bit LSB executable, x86-64, version 1 (SYSV)"
 
 
 @pytest.fixture(scope="module")
-def app(tmp_path_factory):
-    """The app module, imported with its module-level application's temp dirs under tmp."""
-    saved = tempfile.tempdir
-    tempfile.tempdir = str(tmp_path_factory.mktemp("app-import"))
-    try:
-        import app as module
-    finally:
-        tempfile.tempdir = saved
+def app():
+    """The app module (importing it creates no files: temp dirs are made on first use)."""
+    import app as module
     return module
 
 
