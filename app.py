@@ -8,8 +8,10 @@ Drop-in for the Rust/Axum proving worker: same endpoints, same JSON.
     GET  /api/vk[/<circuit>]     -> {"vk": <base64>, "vk_hash", "bb_version", "verifier_target", "circuit"}
     GET  /api/metrics            -> Prometheus text format
 
-Errors answer {"error": <title>, "message": <detail>}. Serve it with gunicorn and
-the gevent worker (gunicorn.conf.py); bbrunner.py runs bb, settings.py holds the config.
+Errors answer {"error": <title>, "message": <detail>} (httperrors.py). Serve it with
+gunicorn and the gevent worker (gunicorn.conf.py). Rooms: App routes and renders;
+admission.ProofQueue admits proof requests and hands out proof slots; health.Health
+says whether a proof can succeed; bbrunner runs bb; settings.py holds the config.
 """
 import base64
 import errno
@@ -17,21 +19,22 @@ import hashlib
 import json
 import logging
 import os
-import platform
 import shutil
 import socket
 import time
 import uuid
 import zlib
 from collections import namedtuple
-from datetime import datetime, timezone
-from http import HTTPStatus
 
 import gevent
 
 import bbrunner
 import observability
 import settings
+from admission import Busy, ProofQueue, ProofSlots
+from health import Health
+from httperrors import (BadRequest, HTTPError, MethodNotAllowed, NotFound, PayloadTooLarge, ProofFailed,
+                        ProofTimeout, RequestTimeout, ServiceUnavailable, status_line)
 
 log = logging.getLogger("bb_worker")
 access_log = logging.getLogger("bb_worker.access")
@@ -39,73 +42,30 @@ access_log = logging.getLogger("bb_worker.access")
 CHUNK_BYTES = 64 * 1024
 
 
-# ---------------------------------------------------------------- HTTP errors
-
-class HTTPError(Exception):
-    """An error answered as {"error": title, "message": detail} with status `code`."""
-    code = 500
-    title = "Internal server error"
-
-    def __init__(self, message, headers=(), extra=None):
-        super().__init__(message)
-        self.message = message
-        self.headers = list(headers)
-        self.extra = dict(extra or {})  # more fields for the JSON body
-
-
-class BadRequest(HTTPError):
-    code, title = 400, "Bad request"
-
-
-class NotFound(HTTPError):
-    code, title = 404, "Not found"
-
-
-class MethodNotAllowed(HTTPError):
-    code, title = 405, "Method not allowed"
-
-
-class RequestTimeout(HTTPError):
-    code, title = 408, "Request timeout"
-
-
-class PayloadTooLarge(HTTPError):
-    code, title = 413, "Payload too large"
-
-
-class ProofFailed(HTTPError):
-    code, title = 422, "Proof generation failed"
-
-
-class ServiceUnavailable(HTTPError):
-    code, title = 503, "Service unavailable"
-
-
-class ProofTimeout(HTTPError):
-    code, title = 504, "Proof generation timed out"
-
+# ---------------------------------------------------------------- errors
 
 class ClientGone(Exception):
     """Raised into a request's greenlet when its client closes the connection."""
 
 
+# bbrunner error -> (the HTTPError answered, its message with {} for bb's reason, the metrics outcome).
+# The one place bb failures become statuses; a subclass takes its nearest listed base's row.
+PROVER_ERRORS = {
+    bbrunner.ProverFailed: (ProofFailed, "bb prove failed: {}", "rejected"),
+    bbrunner.ProverTimeout: (ProofTimeout, "{}", "timeout"),
+    bbrunner.ProverUnavailable: (HTTPError, "bb is not available: {}", "unavailable"),
+    bbrunner.ProverCrashed: (HTTPError, "bb crashed: {}", "crashed"),
+    bbrunner.ProverError: (HTTPError, "bb crashed: {}", "crashed"),
+}
+
+
 def prover_error(exc):
     """Map a bbrunner.ProverError to (the HTTPError answered for it, its metrics outcome)."""
-    if isinstance(exc, bbrunner.ProverFailed):
-        return ProofFailed(f"bb prove failed: {exc.reason}"), "rejected"
-    if isinstance(exc, bbrunner.ProverTimeout):
-        return ProofTimeout(str(exc)), "timeout"
-    if isinstance(exc, bbrunner.ProverUnavailable):
-        return HTTPError(f"bb is not available: {exc}"), "unavailable"
-    return HTTPError(f"bb crashed: {exc}"), "crashed"
-
-
-def status_line(code):
-    """"200 OK" etc.; 499 is nginx's "client closed request", which only the access log sees."""
-    try:
-        return f"{code} {HTTPStatus(code).phrase}"
-    except ValueError:
-        return f"{code} Client Closed Request"
+    for cls in type(exc).__mro__:
+        if cls in PROVER_ERRORS:
+            error, message, outcome = PROVER_ERRORS[cls]
+            return error(message.format(exc)), outcome
+    raise TypeError(f"not a bbrunner.ProverError: {exc!r}")
 
 
 # ---------------------------------------------------------------- request body
@@ -246,65 +206,83 @@ def printable(text):
     return json.dumps(text)[1:-1]
 
 
-class Worker:
-    """The WSGI callable: routes requests, proves witnesses with `prover`.
+Limits = namedtuple("Limits", "max_body_bytes max_witness_bytes upload_timeout")
+Limits.__doc__ = """Per-request upload limits: body bytes (compressed), witness bytes
+(decompressed), seconds each body read may wait."""
 
-    prover: bbrunner.Prover for /api/prove. circuits: optional dict name -> Prover
-    served at /api/prove/<name> and /api/vk/<name>. slots: bbrunner.ProofSlots
-    shared by all worker processes. work_dir: where per-request witness files and
-    bb output live. Limits in bytes and seconds as in settings.py; max_queued: proof
-    requests this process holds beyond its proof slots (uploading or waiting).
-    response_format: "json" or "binary", the proof format when Accept does not choose.
+DEFAULT = "default"  # the circuit at /api/prove and /api/vk (CIRCUIT_PATH); also its metrics label
+CIRCUIT_PREFIXES = ("/api/prove/", "/api/vk/")
+
+
+class App:
+    """The WSGI callable: a thin wrapper (__call__) around dispatch(environ) -> Reply.
+
+    circuits: dict name -> bbrunner.Circuit, "default" (served at /api/prove and
+    /api/vk) plus named ones (at /api/prove/<name>, /api/vk/<name>), all sharing one
+    bbrunner.BB. queue: admission.ProofQueue. work_dir: where per-request witness
+    files and bb output live. limits: Limits. response_format: "json" or "binary",
+    the proof format when Accept does not choose.
     """
 
-    def __init__(self, prover, slots, work_dir, max_body_bytes, max_witness_bytes,
-                 queue_timeout, upload_timeout, circuits=None, response_format="json", max_queued=16):
-        self.prover = prover
-        self.circuits = dict(circuits or {})
-        self.slots = slots
+    def __init__(self, circuits, queue, work_dir, limits, response_format="json"):
+        self.circuits = dict(circuits)
+        self.queue = queue
+        self.health = Health(self.circuits[DEFAULT].bb)
         self.work_dir = work_dir
-        self.max_body_bytes = max_body_bytes
-        self.max_witness_bytes = max_witness_bytes
-        self.queue_timeout = queue_timeout
-        self.upload_timeout = upload_timeout
+        self.limits = limits
         self.response_format = response_format
-        self.max_queued = max_queued
-        self.queued = 0  # proof requests of this process uploading or waiting for a slot
+        self.named = sorted(name for name in self.circuits if name != DEFAULT)
+        # (method, path) -> (handler, args): one rule per served circuit, built once.
         self.routes = {
-            ("GET", "/api/health"): self.health,
-            ("GET", "/api/metrics"): self.metrics,
-            ("GET", "/api/vk"): self.vk,
-            ("POST", "/api/prove"): self.prove,
+            ("GET", "/api/health"): (self.get_health, ()),
+            ("GET", "/api/metrics"): (self.metrics, ()),
+            ("GET", "/api/vk"): (self.vk, (DEFAULT,)),
+            ("POST", "/api/prove"): (self.prove, (DEFAULT,)),
         }
         self.endpoints = sorted({p for _, p in self.routes})
-        if self.circuits:
+        for name in self.named:
+            self.routes[("GET", f"/api/vk/{name}")] = (self.vk, (name,))
+            self.routes[("POST", f"/api/prove/{name}")] = (self.prove, (name,))
+        if self.named:
             self.endpoints += ["/api/prove/<circuit>", "/api/vk/<circuit>"]
 
-    # -- dispatch
+    # -- WSGI
 
     def __call__(self, environ, start_response):
         started = time.monotonic()
         request_id = str(uuid.uuid4())
+        environ["bb_worker.request_id"] = request_id
         method = environ.get("REQUEST_METHOD", "GET")
         path = environ.get("PATH_INFO", "") or "/"
+        reply = self.dispatch(environ)
+        headers = [("Content-Length", str(len(reply.body))), ("X-Request-Id", request_id)] + reply.headers
+        if reply.content_type:
+            headers.insert(0, ("Content-Type", reply.content_type))
+        start_response(status_line(reply.status), headers)
+        self.log_access(environ, request_id, method, path, reply, started)
+        return [b""] if method == "HEAD" else [reply.body]
+
+    def dispatch(self, environ):
+        """Route one request and run its handler; return its Reply (errors rendered as JSON)."""
+        request_id = environ["bb_worker.request_id"]
         try:
-            handler, args = self.match(method, path)
-            reply = handler(environ, request_id, *args)
+            handler, args = self.match(environ.get("REQUEST_METHOD", "GET"), environ.get("PATH_INFO", "") or "/")
+            return handler(environ, request_id, *args)
         except HTTPError as exc:
             payload = {"error": exc.title, "message": exc.message}
             payload.update(exc.extra)
             if isinstance(exc, NotFound) and not exc.extra:
                 payload["available_endpoints"] = self.endpoints
-            reply = json_reply(exc.code, payload, exc.headers)
+            return json_reply(exc.code, payload, exc.headers)
         except ClientGone:
-            reply = json_reply(499, {"error": "Client closed request", "message": "client disconnected"})
+            return json_reply(499, {"error": "Client closed request", "message": "client disconnected"})
         except Exception:
             log.exception("request %s: unhandled error", request_id)
-            reply = json_reply(500, {"error": HTTPError.title, "message": "unexpected server error"})
-        headers = [("Content-Length", str(len(reply.body))), ("X-Request-Id", request_id)] + reply.headers
-        if reply.content_type:
-            headers.insert(0, ("Content-Type", reply.content_type))
-        start_response(status_line(reply.status), headers)
+            return json_reply(500, {"error": HTTPError.title, "message": "unexpected server error"})
+
+    @staticmethod
+    def log_access(environ, request_id, method, path, reply, started):
+        """One access line per request, with the fields as `extra` for LOG_FORMAT=json."""
         fields = {"request_id": request_id, "method": method, "path": path, "status": reply.status,
                   "bytes_in": environ.get("bb_worker.bytes_in", 0), "bytes_out": len(reply.body),
                   "duration_ms": round((time.monotonic() - started) * 1000, 1),
@@ -313,123 +291,87 @@ class Worker:
                         reply.status,
                         fields["bytes_in"], fields["bytes_out"], fields["duration_ms"],
                         "-" if fields["bb_exit_code"] is None else fields["bb_exit_code"], extra=fields)
-        return [b""] if method == "HEAD" else [reply.body]
 
     def match(self, method, path):
-        """Return (handler, args) for (method, path); raise NotFound or MethodNotAllowed."""
+        """Return (handler, args) for (method, path): a lookup, a 405 scan, else 404."""
         lookup = "GET" if method == "HEAD" else method
-        handler, args = self.routes.get((lookup, path)), ()
-        if handler is None and self.circuits:
-            for prefix, verb, target in (("/api/prove/", "POST", self.prove), ("/api/vk/", "GET", self.vk)):
-                if path.startswith(prefix):
-                    name = path[len(prefix):]
-                    if name not in self.circuits:  # only names settings.circuit_files() accepted
-                        raise NotFound(f"no circuit named {name!r}",
-                                       extra={"available_circuits": sorted(self.circuits)})
-                    if lookup != verb:
-                        self._not_allowed(path, [verb])
-                    handler, args = target, (name,)
-        if handler is not None:
-            return handler, args
-        allowed = sorted({m for m, p in self.routes if p == path})
-        if not allowed:
-            raise NotFound(f"no endpoint at {path}")
-        self._not_allowed(path, allowed)
-
-    @staticmethod
-    def _not_allowed(path, allowed):
-        allowed = allowed + ["HEAD"] if "GET" in allowed else allowed
-        raise MethodNotAllowed(f"{path} accepts {', '.join(allowed)}", [("Allow", ", ".join(allowed))])
-
-    def prover_for(self, name):
-        return self.prover if name is None else self.circuits[name]
+        route = self.routes.get((lookup, path))
+        if route is not None:
+            return route
+        allowed = {m for m, p in self.routes if p == path}
+        if allowed:
+            raise MethodNotAllowed(path, allowed)
+        if self.named and path.startswith(CIRCUIT_PREFIXES):
+            name = path.split("/", 3)[3]
+            raise NotFound(f"no circuit named {name!r}", extra={"available_circuits": self.named})
+        raise NotFound(f"no endpoint at {path}")
 
     # -- GET /api/health
 
-    def health(self, environ, request_id):
-        """Cheap: a stat() of bb, no subprocess (bbrunner.Prover.status caches the version)."""
-        available, version, detail = self.prover.status()  # detail: the ELF description, or why not
-        payload = {
-            "status": "ok" if available else "unavailable",
-            "architecture": platform.machine(),
-            "bb": {"available": available, "version": version, "binary_arch": detail},
-            "verifier_target": self.prover.verifier_target,
-            "timestamp": datetime.now(timezone.utc).isoformat(timespec="milliseconds").replace("+00:00", "Z"),
-        }
-        return json_reply(200 if available else 503, payload)
+    def get_health(self, environ, request_id):
+        ready, payload = self.health.check()
+        return json_reply(200 if ready else 503, payload)
 
     # -- GET /api/metrics
 
     def metrics(self, environ, request_id):
-        available, version, _ = self.prover.status()
-        if available:
-            observability.BB_INFO.labels(version, self.prover.verifier_target or "default").set(1)
+        bb = self.circuits[DEFAULT].bb
+        status = bb.status()
+        if status.available:
+            observability.BB_INFO.labels(status.version, bb.verifier_target or "default").set(1)
         body, content_type = observability.render()
         return Reply(200, body, content_type, [])
 
     # -- GET /api/vk[/<circuit>]
 
-    def vk(self, environ, request_id, name=None):
-        prover = self.prover_for(name)
+    def vk(self, environ, request_id, name):
+        circuit = self.circuits[name]
         try:
-            if not prover.vk_cached():  # computing it runs bb: take a proof slot like a proof
-                with self.slots.acquire(self.queue_timeout):
-                    prover.ensure_vk()
-            vk, vk_hash = prover.vk_bytes()
-            version = prover.version()
-        except bbrunner.SlotTimeout:
-            raise self.busy() from None
+            if not circuit.vk_cached():  # computing it runs bb: take a proof slot like a proof
+                with self.queue.slot():
+                    circuit.ensure_vk()
+            vk, vk_hash = circuit.vk_bytes()
+            version = circuit.version()
         except bbrunner.ProverError as exc:
             raise prover_error(exc)[0] from None
         reply = json_reply(200, {"vk": base64.b64encode(vk).decode(), "vk_hash": "0x" + vk_hash.hex(),
-                                 "bb_version": version, "verifier_target": prover.verifier_target,
-                                 "circuit": name})
+                                 "bb_version": version, "verifier_target": circuit.verifier_target,
+                                 "circuit": None if name == DEFAULT else name})
         etag = f'"{hashlib.sha256(reply.body).hexdigest()[:32]}"'
         wanted = [t.strip().removeprefix("W/") for t in environ.get("HTTP_IF_NONE_MATCH", "").split(",")]
         if etag in wanted or "*" in wanted:
             return Reply(304, b"", None, [("ETag", etag)])
         return reply._replace(headers=[("ETag", etag), ("Cache-Control", "no-cache")])
 
-    def dequeue(self, environ):
-        """This request no longer counts as queued (it got a slot, or it is over)."""
-        if environ.pop("bb_worker.queued", False):
-            self.queued -= 1
-
-    def busy(self):
-        """The 503 for a request that found no proof slot in time."""
-        return ServiceUnavailable(f"all proof slots busy for {self.queue_timeout:g} s; retry later",
-                                  [("Retry-After", str(max(1, round(self.queue_timeout))))])
-
     # -- POST /api/prove[/<circuit>]
 
-    def prove(self, environ, request_id, name=None):
-        prover = self.prover_for(name)
-        circuit = name or "default"
+    def prove(self, environ, request_id, name):
+        """Admit, receive the body, wait for a slot, run bb; the steps of README's "How a request flows"."""
         length = environ.get("CONTENT_LENGTH") or ""
-        if length.isdigit() and int(length) > self.max_body_bytes:
-            raise PayloadTooLarge(f"request body is {length} bytes; the limit is {self.max_body_bytes}")
-        if self.queued >= self.max_queued:
-            observability.PROOFS.labels(circuit, "busy").inc()
-            raise ServiceUnavailable(f"{self.queued} proof requests already queued; retry later",
-                                     [("Retry-After", "1")])
+        max_body = self.limits.max_body_bytes
+        if length.isdigit() and int(length) > max_body:
+            raise PayloadTooLarge(f"request body is {length} bytes; the limit is {max_body}")
         witness = os.path.join(self.work_dir, f"{request_id}.witness.gz")
         outdir = os.path.join(self.work_dir, f"{request_id}.out")
         watcher = None
-        self.queued += 1
-        environ["bb_worker.queued"] = True  # until run_prover gets a slot
         try:
-            self.receive(environ, request_id, witness, outdir)
-            watcher = watch_disconnect(environ.get("gunicorn.socket"), gevent.getcurrent())
-            result = self.run_prover(environ, request_id, prover, circuit, witness, outdir)
-        except ClientGone:
-            observability.PROOFS.labels(circuit, "client_gone").inc()
+            with self.queue.admit() as ticket:
+                try:
+                    self.receive(environ, request_id, witness, outdir)
+                    watcher = watch_disconnect(environ.get("gunicorn.socket"), gevent.getcurrent())
+                    with self.queue.slot(ticket):
+                        result = self.run_bb(environ, request_id, name, witness, outdir)
+                finally:
+                    remove(witness, outdir)  # first: a ClientGone may still land below
+                    if watcher is not None:
+                        watcher.kill()  # blocks until it has stopped reading the socket
+                        gevent.sleep(0)  # a ClientGone it already sent lands here, not in gunicorn
+        except Busy:
+            observability.PROOFS.labels(name, "busy").inc()
             raise
-        finally:
-            self.dequeue(environ)
-            remove(witness, outdir)  # first: a ClientGone may still land below
-            if watcher is not None:
-                watcher.kill()  # blocks until it has stopped reading the socket
-                gevent.sleep(0)  # a ClientGone it already sent lands here, not in gunicorn
+        except ClientGone:
+            observability.PROOFS.labels(name, "client_gone").inc()
+            raise
         if wants_binary(environ.get("HTTP_ACCEPT", ""), self.response_format):
             return Reply(200, result.proof, "application/octet-stream",
                          [("X-Public-Inputs", ",".join(result.public_inputs))])
@@ -441,52 +383,37 @@ class Worker:
         try:
             os.makedirs(self.work_dir, mode=0o700, exist_ok=True)
             os.mkdir(outdir, 0o700)
-            sink = WitnessSink(witness, self.max_body_bytes, self.max_witness_bytes)
+            sink = WitnessSink(witness, self.limits.max_body_bytes, self.limits.max_witness_bytes)
         except OSError as exc:
             log.error("request %s: cannot write to %s: %s", request_id, self.work_dir, exc)
-            raise ServiceUnavailable(f"temp dir is not writable: {exc.strerror}",
-                                     [("Retry-After", "5")]) from None
+            raise ServiceUnavailable(f"temp dir is not writable: {exc.strerror}") from None
         try:
-            read_body(environ, sink, self.upload_timeout)
+            read_body(environ, sink, self.limits.upload_timeout)
             sink.finish()
         except OSError as exc:
             if exc.errno in (errno.ENOSPC, errno.EDQUOT):
-                raise ServiceUnavailable("no space left for the witness", [("Retry-After", "5")]) from None
+                raise ServiceUnavailable("no space left for the witness") from None
             raise
         finally:
             sink.close()
             environ["bb_worker.bytes_in"] = sink.received
             observability.RECEIVED.inc(sink.received)
 
-    def run_prover(self, environ, request_id, prover, circuit, witness, outdir):
-        """Wait for a proof slot, run bb; map failures to HTTP errors and count them."""
-        queued = time.monotonic()
-        try:
-            with observability.QUEUED.track_inprogress():
-                slot = self.slots.take(self.queue_timeout)
-        except bbrunner.SlotTimeout:
-            observability.PROOFS.labels(circuit, "busy").inc()
-            raise self.busy() from None
-        except OSError as exc:
-            log.error("request %s: cannot take a proof slot in %s: %s", request_id, self.slots.lock_dir, exc)
-            raise ServiceUnavailable(f"cannot take a proof slot: {exc.strerror}", [("Retry-After", "5")]) from None
-        self.dequeue(environ)
-        observability.QUEUE_SECONDS.observe(time.monotonic() - queued)
+    def run_bb(self, environ, request_id, name, witness, outdir):
+        """Prove `witness` with circuit `name` (the caller holds a slot); map failures and count them."""
         started = time.monotonic()
         try:
             with observability.IN_FLIGHT.track_inprogress():
-                result = prover.prove(witness, outdir)
+                result = self.circuits[name].prove(witness, outdir)
         except bbrunner.ProverError as exc:
             environ["bb_worker.bb_exit_code"] = exc.returncode
             error, outcome = prover_error(exc)
-            observability.PROOFS.labels(circuit, outcome).inc()
+            observability.PROOFS.labels(name, outcome).inc()
             log.warning("request %s: %s: %s", request_id, type(exc).__name__, exc)
             raise error from None
-        finally:
-            self.slots.release(slot)
         environ["bb_worker.bb_exit_code"] = 0
-        observability.PROVE_SECONDS.labels(circuit).observe(time.monotonic() - started)
-        observability.PROOFS.labels(circuit, "success").inc()
+        observability.PROVE_SECONDS.labels(name).observe(time.monotonic() - started)
+        observability.PROOFS.labels(name, "success").inc()
         return result
 
 
@@ -522,15 +449,13 @@ def remove(*paths):
 
 
 def create_app():
-    """Build the Worker from settings.py."""
-    def make_prover(circuit):
-        return bbrunner.Prover(circuit=circuit, **settings.PROVER_OPTIONS)
-    circuits = {name: make_prover(path) for name, path in settings.circuit_files().items()}
-    return Worker(make_prover(settings.CIRCUIT_PATH), bbrunner.ProofSlots(settings.SLOTS_DIR,
-                  settings.MAX_CONCURRENT_PROOFS), settings.WORK_DIR, settings.MAX_BODY_BYTES,
-                  settings.MAX_WITNESS_BYTES, settings.QUEUE_TIMEOUT_SECONDS,
-                  settings.UPLOAD_TIMEOUT_SECONDS, circuits=circuits,
-                  response_format=settings.PROOF_RESPONSE_FORMAT, max_queued=settings.MAX_QUEUED_REQUESTS)
+    """Build the App from settings.py: one BB, one Circuit per settings.CIRCUITS entry."""
+    bb = bbrunner.BB(**settings.BB_OPTIONS)
+    circuits = {name: bbrunner.Circuit(bb, path, settings.VK_CACHE_DIR) for name, path in settings.CIRCUITS.items()}
+    queue = ProofQueue(ProofSlots(settings.SLOTS_DIR, settings.MAX_CONCURRENT_PROOFS),
+                       settings.QUEUE_TIMEOUT_SECONDS, settings.MAX_QUEUED_REQUESTS)
+    limits = Limits(settings.MAX_BODY_BYTES, settings.MAX_WITNESS_BYTES, settings.UPLOAD_TIMEOUT_SECONDS)
+    return App(circuits, queue, settings.WORK_DIR, limits, settings.PROOF_RESPONSE_FORMAT)
 
 
 application = create_app()

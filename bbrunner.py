@@ -1,4 +1,7 @@
-"""Run the Barretenberg CLI (`bb`) to prove witnesses for one Noir circuit.
+"""Run the Barretenberg CLI (`bb`) to prove witnesses for Noir circuits.
+
+BB is the binary (status, version, argument lists), shared by every Circuit;
+a Circuit is one circuit's verification key and its proofs.
 
 Knows nothing of HTTP. Formats are those of bb 5.0.0 (npm @aztec/bb.js 5.0.0)
 and Noir 1.0.0-beta.26: the circuit is nargo's/noir_wasm's program JSON (ACIR
@@ -18,12 +21,10 @@ import shutil
 import signal
 import struct
 import time
-from collections import deque, namedtuple
-from contextlib import contextmanager
+from collections import namedtuple
 
 import gevent
 from gevent import subprocess
-from gevent.event import Event
 from gevent.lock import Semaphore
 
 # bb prints this (and exits 0) when a witness does not satisfy the circuit's
@@ -46,8 +47,8 @@ class ProverUnavailable(ProverError):
     """bb is missing, not executable or cannot start."""
 
 
-class ProverFailed(ProverError):
-    """bb rejected the witness: unsatisfied constraints, wrong circuit, bad encoding.
+class BBExited(ProverError):
+    """bb ran to the end and the outcome is an error.
 
     `returncode` is bb's exit status; `reason` is one readable line from its output.
     """
@@ -58,13 +59,12 @@ class ProverFailed(ProverError):
         self.reason = reason
 
 
-class ProverCrashed(ProverError):
-    """bb died from a signal or exited without writing its output files."""
+class ProverFailed(BBExited):
+    """bb rejected the witness: unsatisfied constraints, wrong circuit, bad encoding."""
 
-    def __init__(self, returncode, reason):
-        super().__init__(reason)
-        self.returncode = returncode
-        self.reason = reason
+
+class ProverCrashed(BBExited):
+    """bb died from a signal or exited without writing its output files."""
 
 
 class ProverTimeout(ProverError):
@@ -216,43 +216,38 @@ def describe_elf(path):
     return f"{path}: " + ", ".join(parts)
 
 
-# ---------------------------------------------------------------- the prover
+# ---------------------------------------------------------------- bb, the binary
 
-class Prover:
-    """bb and the one circuit it proves.
+Status = namedtuple("Status", "available version detail")
+Status.__doc__ = """What BB.status() knows about bb.
 
-    binary: path of bb. circuit: path of the circuit JSON. vk_cache_dir: where
-    verification keys are cached, one subdirectory per (circuit bytes, bb version,
-    verifier target). crs_dir: passed to bb as `-c` when not None (else bb uses
+available: bool. version: str (e.g. "5.0.0-nightly.20260710") or None when not
+available. detail: the ELF description (describe_elf) when available, else why not.
+"""
+
+
+class BB:
+    """The bb binary and the options every run shares: one per server, shared by its circuits.
+
+    binary: path of bb. crs_dir: passed to bb as `-c` when not None (else bb uses
     ~/.bb-crs and downloads missing points). timeout: seconds allowed per bb run.
     verifier_target: bb's `-t` value, or None for bb's default.
     """
 
-    def __init__(self, binary, circuit, vk_cache_dir, crs_dir=None, timeout=90.0,
-                 verifier_target=None):
+    def __init__(self, binary, crs_dir=None, timeout=90.0, verifier_target=None):
         self.binary = binary
-        self.circuit = circuit
-        self.vk_cache_dir = vk_cache_dir
         self.crs_dir = crs_dir
         self.timeout = timeout
         self.verifier_target = verifier_target
-        with open(circuit, "rb") as f:
-            self.circuit_sha256 = hashlib.sha256(f.read()).hexdigest()
-        self._seen = None  # (stat signature, version, ELF description) of bb
+        self._seen = None  # (stat signature, Status) of a bb that ran
         self._failed = None  # (stat signature, monotonic time to retry) after a failed --version
-        self._vk_cache = None  # (vk path, vk bytes, vk_hash bytes)
-        self._vk_lock = Semaphore()
-
-    # -- bb itself
 
     def _signature(self):
         st = os.stat(self.binary)
         return (st.st_ino, st.st_size, st.st_mtime_ns)
 
     def status(self):
-        """Return (available: bool, version: str or None, detail: str) about bb, cheaply.
-
-        detail is the ELF description (describe_elf) when available, else why not.
+        """Return a Status about bb, cheaply.
 
         Runs `bb --version` and reads the ELF header only the first time and again
         when the file changes (inode, size, mtime), or VERSION_RETRY_SECONDS after a
@@ -262,12 +257,12 @@ class Prover:
             signature = self._signature()
         except OSError as exc:
             self._seen = None
-            return False, None, f"{self.binary}: {exc.strerror}"
+            return Status(False, None, f"{self.binary}: {exc.strerror}")
         if not os.access(self.binary, os.X_OK):
-            return False, None, f"{self.binary}: not executable"
-        failed = f"{self.binary}: does not run (bb --version failed)"
+            return Status(False, None, f"{self.binary}: not executable")
+        failed = Status(False, None, f"{self.binary}: does not run (bb --version failed)")
         if self._failed is not None and self._failed[0] == signature and time.monotonic() < self._failed[1]:
-            return False, None, failed  # a failure is retried after a while, not on every call
+            return failed  # a failure is retried after a while, not on every call
         if self._seen is None or self._seen[0] != signature:
             try:
                 elf = describe_elf(self.binary)
@@ -276,21 +271,20 @@ class Prover:
             version = self._read_version()
             if version is None:  # not for good: a passing failure (fork, load) must not stick
                 self._failed = (signature, time.monotonic() + VERSION_RETRY_SECONDS)
-                return False, None, failed
-            self._seen, self._failed = (signature, version, elf), None
-        _, version, elf = self._seen
-        return True, version, elf
+                return failed
+            self._seen, self._failed = (signature, Status(True, version, elf)), None
+        return self._seen[1]
 
     def binary_arch(self):
         """Return `file`-style text about bb's ELF header (str), from the cache status() keeps."""
-        return self.status()[2]
+        return self.status().detail
 
     def version(self):
         """Return bb's version string (e.g. "5.0.0-nightly.20260710"); raises ProverUnavailable."""
-        available, version, detail = self.status()
-        if not available:
-            raise ProverUnavailable(detail)
-        return version
+        status = self.status()
+        if not status.available:
+            raise ProverUnavailable(status.detail)
+        return status.version
 
     def _read_version(self):
         try:
@@ -300,20 +294,52 @@ class Prover:
         text = out.decode("utf-8", "replace").strip()
         return text if code == 0 and text else None
 
-    def _base_args(self):
-        args = []
+    def argv(self, command, *args):
+        """[bb, command, *args, -t target, -c crs]: a full argument list for one bb run."""
+        argv = [self.binary, command, *args]
         if self.verifier_target:
-            args += ["-t", self.verifier_target]
+            argv += ["-t", self.verifier_target]
         if self.crs_dir:
-            args += ["-c", self.crs_dir]
-        return args
+            argv += ["-c", self.crs_dir]
+        return argv
+
+    def run(self, command, *args):
+        """Run `bb command *args` (see argv()) with this BB's timeout; return (returncode, stdout, stderr)."""
+        return run(self.argv(command, *args), self.timeout)
+
+
+# ---------------------------------------------------------------- one circuit
+
+class Circuit:
+    """One circuit proved with a shared BB: its verification key and its proofs.
+
+    bb: the BB. path: the circuit JSON. vk_cache_dir: where verification keys are
+    cached, one subdirectory per (circuit bytes, bb version, verifier target).
+    """
+
+    def __init__(self, bb, path, vk_cache_dir):
+        self.bb = bb
+        self.path = path
+        self.vk_cache_dir = vk_cache_dir
+        with open(path, "rb") as f:
+            self.sha256 = hashlib.sha256(f.read()).hexdigest()
+        self._vk_cache = None  # (vk path, vk bytes, vk_hash bytes)
+        self._vk_lock = Semaphore()
+
+    @property
+    def verifier_target(self):
+        return self.bb.verifier_target
+
+    def version(self):
+        """bb's version (BB.version)."""
+        return self.bb.version()
 
     # -- verification key
 
     def vk_dir(self):
         """Directory (str) holding `vk` and `vk_hash` for this circuit, bb version and target."""
         key = hashlib.sha256("\0".join(
-            [self.circuit_sha256, self.version(), self.verifier_target or "default"]).encode()).hexdigest()
+            [self.sha256, self.bb.version(), self.bb.verifier_target or "default"]).encode()).hexdigest()
         return os.path.join(self.vk_cache_dir, key[:32])
 
     def ensure_vk(self):
@@ -335,7 +361,7 @@ class Prover:
                     f"cannot write the verification key cache {self.vk_cache_dir}: {exc.strerror} "
                     "(set VK_CACHE_DIR to a writable directory, or bake the VK in)") from None
             try:
-                _flock(lock, time.monotonic() + self.timeout)
+                _flock(lock, time.monotonic() + self.bb.timeout)
                 if not os.path.exists(vk):
                     self._write_vk(target)
             finally:
@@ -368,10 +394,9 @@ class Prover:
         tmp = f"{target}.tmp-{os.getpid()}"
         try:
             os.makedirs(tmp, exist_ok=True)
-            argv = [self.binary, "write_vk", "-b", self.circuit, "-o", tmp] + self._base_args()
-            code, _, err = run(argv, self.timeout)
+            code, _, err = self.bb.run("write_vk", "-b", self.path, "-o", tmp)
             if code != 0 or not os.path.exists(os.path.join(tmp, "vk")):
-                reason = failure_reason(err, hide=(tmp, self.circuit))
+                reason = failure_reason(err, hide=(tmp, self.path))
                 raise ProverCrashed(code, f"bb write_vk failed: {reason}")
             shutil.rmtree(target, ignore_errors=True)  # a partial one, e.g. `vk` removed by a cleaner
             os.replace(tmp, target)
@@ -389,12 +414,11 @@ class Prover:
         workdir: an empty directory bb may write into (the caller removes it).
         Raises ProverFailed (bb rejected the witness), ProverTimeout,
         ProverCrashed (signal, or no output) or ProverUnavailable.
+        Steps: the VK, `bb prove`, its exit status and stderr, its output files.
         """
         vk = self.ensure_vk()
-        argv = [self.binary, "prove", "-b", self.circuit, "-w", witness_path, "-k", vk,
-                "-o", workdir] + self._base_args()
-        code, _, err = run(argv, self.timeout)
-        hide = (workdir, witness_path, self.circuit, vk, self.crs_dir or "")
+        code, _, err = self.bb.run("prove", "-b", self.path, "-w", witness_path, "-k", vk, "-o", workdir)
+        hide = (workdir, witness_path, self.path, vk, self.bb.crs_dir or "")
         if code < 0:
             try:
                 name = signal.Signals(-code).name
@@ -405,91 +429,26 @@ class Prover:
             raise ProverFailed(code, failure_reason(err, hide))
         if UNSATISFIED_MARKER.encode() in err:
             raise ProverFailed(code, "the witness does not satisfy the circuit's constraints")
-        try:
-            with open(os.path.join(workdir, "proof"), "rb") as f:
-                proof = f.read()
-            with open(os.path.join(workdir, "public_inputs"), "rb") as f:
-                public_inputs = parse_public_inputs(f.read())
-        except (OSError, ValueError) as exc:
-            raise ProverCrashed(code, f"bb exited 0 without usable output: {exc}") from None
-        return Proof(proof, public_inputs)
+        return read_proof(workdir, code)
 
 
-# ---------------------------------------------------------------- proof slots
+def read_proof(workdir, returncode=0):
+    """Read bb's `proof` and `public_inputs` from `workdir` into a Proof; ProverCrashed if unusable."""
+    try:
+        with open(os.path.join(workdir, "proof"), "rb") as f:
+            proof = f.read()
+        with open(os.path.join(workdir, "public_inputs"), "rb") as f:
+            public_inputs = parse_public_inputs(f.read())
+    except (OSError, ValueError) as exc:
+        raise ProverCrashed(returncode, f"bb exited 0 without usable output: {exc}") from None
+    return Proof(proof, public_inputs)
 
-class SlotTimeout(Exception):
-    """No proof slot became free in time."""
 
-
-class ProofSlots:
-    """At most `count` proofs at once across every process sharing `lock_dir`.
-
-    Each slot is a lock file held with flock(); the kernel releases it when its
-    holder exits, so a killed worker cannot leak a slot. Within a process waiters
-    line up first come, first served (only the oldest waiter polls the lock files,
-    every `poll` seconds), so a newcomer cannot overtake a request that has waited
-    longer; across worker processes the heads of the lines compete.
-    """
-
-    def __init__(self, lock_dir, count, poll=0.02):
-        self.lock_dir = lock_dir  # created on first use
-        self._line = deque()  # gevent Events of this process's waiters, oldest first
-        self._freed = Event()  # set by release(): the head of the line looks again at once
-        self.paths = [os.path.join(lock_dir, f"slot-{i}.lock") for i in range(count)]
-        self.poll = poll
-
-    def take(self, timeout):
-        """Wait up to `timeout` seconds for a free slot; return its token for release().
-
-        Raises SlotTimeout when none frees up in time.
-        """
-        deadline = time.monotonic() + timeout
-        turn = Event()
-        self._line.append(turn)
-        if self._line[0] is turn:
-            turn.set()
-        try:
-            if not turn.wait(timeout):
-                raise SlotTimeout(f"no proof slot free within {timeout:g} s")
-            return self._take(deadline, timeout)
-        finally:  # leave the line (served, timed out or killed); the next in line goes on
-            was_head = self._line[0] is turn
-            self._line.remove(turn)
-            if was_head and self._line:
-                self._line[0].set()
-
-    def _take(self, deadline, timeout):
-        while True:
-            for path in self.paths:
-                try:
-                    fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
-                except FileNotFoundError:
-                    os.makedirs(self.lock_dir, exist_ok=True)
-                    fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
-                try:
-                    fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-                except BlockingIOError:
-                    os.close(fd)
-                    continue
-                return fd
-            if time.monotonic() >= deadline:
-                raise SlotTimeout(f"no proof slot free within {timeout:g} s")
-            self._freed.clear()
-            self._freed.wait(self.poll)  # a slot freed in this process wakes it; others are polled
-
-    def release(self, token):
-        """Free the slot that take() returned."""
-        os.close(token)  # closing the descriptor drops the flock
-        self._freed.set()
-
-    @contextmanager
-    def acquire(self, timeout):
-        """Hold a slot for the `with` body; raises SlotTimeout after `timeout` seconds."""
-        token = self.take(timeout)
-        try:
-            yield
-        finally:
-            self.release(token)
+def vk_log_size(vk):
+    """k for a circuit of dyadic size 2^k: the first 32-byte big-endian field of bb 5's binary VK (bytes)."""
+    if len(vk) < FIELD_BYTES:
+        raise ValueError("too short to be a bb verification key")
+    return int.from_bytes(vk[:FIELD_BYTES], "big")
 
 
 def _flock(fd, deadline):

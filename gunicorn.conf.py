@@ -81,19 +81,18 @@ def on_starting(server):
 
     import bbrunner
 
-    circuits = {"default": settings.CIRCUIT_PATH, **settings.circuit_files()}
-    for name, path in circuits.items():
-        prover = bbrunner.Prover(circuit=path, **settings.PROVER_OPTIONS)
-        available, version, detail = prover.status()
-        if not available:
-            server.log.warning("bb is not available (%s): /api/health answers 503", detail)
-            return
+    bb = bbrunner.BB(**settings.BB_OPTIONS)
+    status = bb.status()
+    if not status.available:
+        server.log.warning("bb is not available (%s): /api/health answers 503", status.detail)
+        return
+    for name, path in settings.CIRCUITS.items():
         try:
-            vk = prover.ensure_vk()
+            vk = bbrunner.Circuit(bb, path, settings.VK_CACHE_DIR).ensure_vk()
         except bbrunner.ProverError as exc:  # logged; the first request for it will retry
             server.log.error("circuit %s: could not compute the verification key: %s", name, exc)
         else:
-            server.log.info("circuit %s: bb %s ready, VK at %s", name, version, vk)
+            server.log.info("circuit %s: bb %s ready, VK at %s", name, status.version, vk)
 
 
 def child_exit(server, worker):

@@ -21,7 +21,11 @@ class ConfigError(ValueError):
     """A setting from the environment is invalid; the message names the variable."""
 
 
+_READ = {"PROMETHEUS_MULTIPROC_DIR"}  # every variable this module reads (ENV_NAMES), and prometheus_client's
+
+
 def _raw(name, default):
+    _READ.add(name)
     value = os.environ.get(name, "")
     return value.strip() if value.strip() else default
 
@@ -147,6 +151,12 @@ MAX_QUEUED_REQUESTS = _int("MAX_QUEUED_REQUESTS", 16, 1, 100000)
 QUEUE_TIMEOUT_SECONDS = _seconds("QUEUE_TIMEOUT_SECONDS", 30)
 UPLOAD_TIMEOUT_SECONDS = _seconds("UPLOAD_TIMEOUT_SECONDS", 30)
 
-# bbrunner.Prover's keyword arguments for every served circuit: Prover(circuit=path, **PROVER_OPTIONS).
-PROVER_OPTIONS = {"binary": BB_BINARY, "vk_cache_dir": VK_CACHE_DIR, "crs_dir": BB_CRS_PATH,
-                  "timeout": PROVE_TIMEOUT_SECONDS, "verifier_target": VERIFIER_TARGET}
+# ---------------------------------------------------------------- what the server serves
+# bbrunner.BB's keyword arguments: BB(**BB_OPTIONS), one shared by every circuit.
+BB_OPTIONS = {"binary": BB_BINARY, "crs_dir": BB_CRS_PATH, "timeout": PROVE_TIMEOUT_SECONDS,
+              "verifier_target": VERIFIER_TARGET}
+# name -> circuit JSON path: "default" (CIRCUIT_PATH, at /api/prove) first, then CIRCUITS_DIR's.
+CIRCUITS = {"default": CIRCUIT_PATH, **circuit_files()}
+
+# The environment variables above, e.g. for a benchmark that clears them before starting a server.
+ENV_NAMES = tuple(sorted(_READ))

@@ -9,28 +9,19 @@ import http.client
 import json
 import os
 import re
-import signal
-import socket
 import subprocess
-import sys
 import tempfile
 import threading
 import time
 from collections import namedtuple
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-
-
-
-def _server_settings():
-    """Names of the environment variables the worker reads (settings.py's, plus a few more)."""
-    with open(os.path.join(ROOT, "settings.py")) as f:
-        names = set(re.findall(r'_(?:int|seconds|choice|circuit|directory|raw)\(\s*"([A-Z][A-Z0-9_]*)"', f.read()))
-    return tuple(sorted(names | {"LOG_LEVEL", "PROMETHEUS_MULTIPROC_DIR"}))
-
+import bbrunner
+import settings
+from tests import support
+from tests.support import ServerError  # noqa: F401  (run.py reports it like BenchError)
 
 # Cleared before a server starts, so the caller's shell cannot change what is measured.
-SERVER_SETTINGS = _server_settings()
+SERVER_SETTINGS = settings.ENV_NAMES
 
 
 class BenchError(Exception):
@@ -59,7 +50,7 @@ def run_bb(argv, timeout=600.0, sample_rss=False):
         started = time.perf_counter()
         proc = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
                                 stderr=err, start_new_session=True)
-        timer = threading.Timer(timeout, _killpg, (proc.pid,))
+        timer = threading.Timer(timeout, support.kill_quietly, (proc.pid,), {"group": True})
         hwm = _HighWater(proc.pid)
         timer.start()
         if sample_rss:
@@ -85,14 +76,14 @@ class _HighWater(threading.Thread):
 
     def __init__(self, pid, interval=0.01):
         super().__init__(name=f"hwm-{pid}", daemon=True)
-        self.path = f"/proc/{pid}/status"
+        self.pid = pid
         self.interval = interval
         self.peak = 0
         self._done = threading.Event()
 
     def run(self):
         while True:
-            value = _status_field(self.path, b"VmHWM:")
+            value = support.status_bytes(self.pid, "VmHWM")
             if value:
                 self.peak = max(self.peak, value)
             if self._done.wait(self.interval):
@@ -101,13 +92,6 @@ class _HighWater(threading.Thread):
     def stop(self):
         self._done.set()
         self.join()
-
-
-def _killpg(pid):
-    try:
-        os.killpg(pid, signal.SIGKILL)
-    except ProcessLookupError:
-        pass
 
 
 def bb_output(argv, timeout=600.0):
@@ -137,7 +121,7 @@ def write_vk(bb, circuit, out_dir, crs):
     os.makedirs(out_dir, exist_ok=True)
     bb_output([bb, "write_vk", "-b", circuit, "-o", out_dir, "-c", crs])
     with open(os.path.join(out_dir, "vk"), "rb") as f:
-        return int.from_bytes(f.read(32), "big")
+        return bbrunner.vk_log_size(f.read())
 
 
 def verify(bb, vk, proof, public_inputs, crs):
@@ -171,7 +155,7 @@ class RSSSampler:
     def __init__(self, binary, root_pid, interval=0.02):
         self.binary = binary.encode()
         self.real = os.path.realpath(binary).encode()
-        self.root = str(root_pid)
+        self.root = root_pid
         self.interval = interval
         self.peak_bytes = 0
         self.peak_count = 0
@@ -200,13 +184,7 @@ class RSSSampler:
             return False
         if argv0 != self.binary and argv0 != self.real:
             return False
-        for _ in range(8):  # bb -> gunicorn worker -> gunicorn master (root)
-            pid = _ppid(pid)
-            if pid is None or pid in ("0", "1"):
-                return False
-            if pid == self.root:
-                return True
-        return False
+        return support.descends_from(int(pid), self.root, depth=8)  # bb -> gunicorn worker -> master
 
     def _loop(self):
         while not self._stop.is_set():
@@ -224,7 +202,7 @@ class RSSSampler:
                     self._other.setdefault(name, now)
                     continue
                 self._other.pop(name, None)
-                rss = _status_field(f"/proc/{name}/status", b"VmRSS:")
+                rss = support.status_bytes(name, "VmRSS")
                 if rss is not None:
                     total += rss
                     count += 1
@@ -234,49 +212,6 @@ class RSSSampler:
             self.peak_bytes = max(self.peak_bytes, total)
             self.peak_count = max(self.peak_count, count)
             self._stop.wait(self.interval)
-
-
-def descendants(root_pid):
-    """[(pid, start time)] of every live process below `root_pid` (ints)."""
-    parent = {}
-    for name in os.listdir("/proc"):
-        if name.isdigit():
-            ppid = _ppid(name)
-            if ppid is not None:
-                parent[int(name)] = int(ppid)
-    found, frontier = [], {root_pid}
-    while frontier:
-        frontier = {pid for pid, pp in parent.items() if pp in frontier}
-        found += [(pid, _start_time(pid)) for pid in frontier]
-    return found
-
-
-def _start_time(pid):
-    try:
-        with open(f"/proc/{pid}/stat", "rb") as f:
-            return int(f.read().rsplit(b")", 1)[1].split()[19])
-    except (OSError, IndexError, ValueError):
-        return None
-
-
-def _ppid(pid):
-    try:
-        with open(f"/proc/{pid}/stat", "rb") as f:
-            return f.read().rsplit(b")", 1)[1].split()[1].decode()
-    except (OSError, IndexError):
-        return None
-
-
-def _status_field(path, field):
-    """A `kB` field of /proc/<pid>/status in bytes (int), or None (exited, or a zombie)."""
-    try:
-        with open(path, "rb") as f:
-            for line in f:
-                if line.startswith(field):
-                    return int(line.split()[1]) * 1024
-    except (OSError, ValueError, IndexError):
-        pass
-    return None
 
 
 # ---------------------------------------------------------------- background load
@@ -303,13 +238,9 @@ class Load:
         user, nice, system, idle, iowait, irq, softirq, steal = (fields + [0] * 8)[:8]
         t = os.times()
         ours = t.user + t.system + t.children_user + t.children_system
-        for pid, _ in descendants(os.getpid()):
-            try:
-                with open(f"/proc/{pid}/stat", "rb") as f:
-                    stat = f.read().rsplit(b")", 1)[1].split()
-                ours += sum(int(x) for x in stat[11:15]) / cls.HZ
-            except (OSError, IndexError, ValueError):
-                pass  # exited meanwhile: its time moves to its parent's cutime
+        for pid, _ in support.descendants(os.getpid()):
+            ticks = support.cpu_ticks(pid)  # None: exited meanwhile, its time moved to its parent's cutime
+            ours += (ticks or 0) / cls.HZ
         return time.monotonic(), (user + nice + system + irq + softirq) / cls.HZ, steal, sum(fields[:8]), ours
 
     @staticmethod
@@ -349,120 +280,24 @@ class CpuMeter:
 
 # ---------------------------------------------------------------- the worker
 
-def free_port():
-    """A TCP port free on 127.0.0.1 right now (int)."""
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-class Server:
-    """Our worker (gunicorn -c gunicorn.conf.py) in its own session, for one circuit.
+class Server(support.Server):
+    """Our worker (support.Server) for one circuit, as the benchmark runs it.
 
     env: settings for settings.py (str values), on top of a cleared set of
-    SERVER_SETTINGS. `run_dir` gets the server's TMPDIR, VK cache and log.
-    Requests go to 127.0.0.1 only.
+    SERVER_SETTINGS. `run_dir` gets the server's TMPDIR, VK cache and log. stop()
+    also kills whatever the server left running.
     """
 
     def __init__(self, run_dir, env):
-        self.run_dir = run_dir
-        self.port = free_port()
-        tmpdir = os.path.join(run_dir, "tmp")
-        os.makedirs(tmpdir, exist_ok=True)
-        full = {k: v for k, v in os.environ.items() if k not in SERVER_SETTINGS}
-        full.update(PORT=str(self.port), TMPDIR=tmpdir, PYTHONUNBUFFERED="1",
-                    VK_CACHE_DIR=os.path.join(run_dir, "vk-cache"))
-        full.update(env)
-        self.env = full
-        self.log_path = os.path.join(run_dir, "server.log")
-        self._log = open(self.log_path, "wb")
-        self.proc = subprocess.Popen([sys.executable, "-m", "gunicorn", "-c", "gunicorn.conf.py"],
-                                     cwd=ROOT, env=full, stdin=subprocess.DEVNULL, stdout=self._log,
-                                     stderr=subprocess.STDOUT, start_new_session=True)
+        super().__init__(run_dir, {"VK_CACHE_DIR": os.path.join(run_dir, "vk-cache"), **env},
+                         clear=SERVER_SETTINGS, kill_leftovers=True)
 
     def wait_ready(self, timeout=180.0):
         """Poll GET /api/health until it answers 200 (the VK is computed before); returns self."""
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            if self.proc.poll() is not None:
-                raise BenchError(f"server exited {self.proc.returncode}:\n{self.output_tail()}")
-            try:
-                status, _ = request(self.port, "GET", "/api/health", timeout=5)
-                if status == 200:
-                    return self
-                raise BenchError(f"/api/health answered {status}:\n{self.output_tail()}")
-            except OSError:
-                time.sleep(0.1)
-        raise BenchError(f"server not ready within {timeout:g} s:\n{self.output_tail()}")
-
-    def output(self):
-        """The server's whole log (str)."""
-        self._log.flush()
-        with open(self.log_path, "rb") as f:
-            return f.read().decode("utf-8", "replace")
-
-    def output_tail(self, lines=20):
-        """The last lines (str) of the server's log."""
-        self._log.flush()
-        with open(self.log_path, "rb") as f:
-            return "\n".join(f.read().decode("utf-8", "replace").splitlines()[-lines:])
-
-    def stop(self):
-        """SIGTERM the server's process group, SIGKILL it after 20 s; always reaps.
-
-        bb runs in a session of its own (bbrunner), outside the server's group:
-        any bb still running under the server is killed once the server is gone.
-        """
-        leftovers = descendants(self.proc.pid)
-        if self.proc.poll() is None:
-            try:
-                os.killpg(self.proc.pid, signal.SIGTERM)
-                self.proc.wait(timeout=20)
-            except subprocess.TimeoutExpired:
-                os.killpg(self.proc.pid, signal.SIGKILL)
-                self.proc.wait(timeout=10)
-            except ProcessLookupError:
-                pass
-        try:  # anything left in the group goes too
-            os.killpg(self.proc.pid, signal.SIGKILL)
-        except (ProcessLookupError, PermissionError):
-            pass
-        for pid, started in leftovers:
-            if _start_time(pid) == started:  # the same process, not a reused pid
-                for kill in (os.killpg, os.kill):  # bb leads its own process group
-                    try:
-                        kill(pid, signal.SIGKILL)
-                    except (ProcessLookupError, PermissionError):
-                        pass
-        self._log.close()
-
-    def __enter__(self):
-        return self
-
-    def __exit__(self, *exc):
-        self.stop()
+        return super().wait_ready(timeout, healthy=True)
 
 
 # ---------------------------------------------------------------- HTTP client
-
-def request(port, method, path, body=None, timeout=600.0, headers_out=None):
-    """One request on a new connection to 127.0.0.1:`port`; returns (status, body bytes).
-
-    headers_out: a dict to fill with the response headers (lower-case names), if given.
-    """
-    conn = http.client.HTTPConnection("127.0.0.1", port, timeout=timeout)
-    try:
-        headers = {"Accept": "application/json"}
-        if body is not None:
-            headers["Content-Type"] = "application/octet-stream"
-        conn.request(method, path, body=body, headers=headers)
-        resp = conn.getresponse()
-        if headers_out is not None:
-            headers_out.update((k.lower(), v) for k, v in resp.getheaders())
-        return resp.status, resp.read()
-    finally:
-        conn.close()
-
 
 Reply = namedtuple("Reply", "seconds status proof public_inputs error request_id")
 Reply.__doc__ = """One POST /api/prove as a client sees it: wall seconds (connect, upload,
@@ -471,12 +306,14 @@ publicInputs (list of str) on success, else error text (str); the worker's
 X-Request-Id (str or None)."""
 
 
+PROVE_HEADERS = {"Accept": "application/json", "Content-Type": "application/octet-stream"}
+
+
 def prove(port, witness, timeout=600.0):
     """POST the gzipped witness (bytes) to /api/prove on 127.0.0.1:`port`; return a Reply."""
-    headers = {}
     started = time.perf_counter()
     try:
-        status, data = request(port, "POST", "/api/prove", witness, timeout, headers)
+        status, headers, data = support.request(port, "POST", "/api/prove", witness, PROVE_HEADERS, timeout)
         payload = json.loads(data)
         proof = base64.b64decode(payload["proof"]) if status == 200 else None
     except (OSError, http.client.HTTPException, ValueError, KeyError) as exc:
@@ -495,7 +332,7 @@ _ACCESS = re.compile(r"\b([0-9a-f-]{36}) POST /api/prove 200 .*?\bms=([0-9.]+)")
 def bb_seconds_in_worker(port):
     """Total seconds the worker's bb runs took so far (its Prometheus histogram sum), or None."""
     try:
-        status, data = request(port, "GET", "/api/metrics", timeout=30)
+        status, _, data = support.request(port, "GET", "/api/metrics", timeout=30)
         match = _PROVE_SUM.search(data.decode()) if status == 200 else None
         return float(match.group(1)) if match else None
     except (OSError, http.client.HTTPException, ValueError):

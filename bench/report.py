@@ -229,7 +229,7 @@ def markdown(results):
         parts += [
             "\n## Where the worker's overhead goes\n",
             "Per round, from the worker's own numbers: *handler* is the server-side time of the request "
-            "(its access log, matched by X-Request-Id), *prove()* the time it spent in `Prover.prove` (its "
+            "(its access log, matched by X-Request-Id), *prove()* the time it spent in `Circuit.prove` (its "
             "`bb_worker_prove_duration_seconds` metric, read just before and after the request). "
             "*HTTP + client* = worker − handler (connect, sending the body, the response, JSON and base64 "
             "decoding in the client); *receive + slot + reply* = handler − prove() (streaming and "

@@ -16,6 +16,7 @@ Usage: python -m bench [--quick] [--sizes 10,12] [--repeats N] [--out DIR]
        python -m bench --render bench/results.json   (redraw RESULTS.md and the PNG only)
 """
 import argparse
+import dataclasses
 import importlib.metadata
 import json
 import os
@@ -28,6 +29,7 @@ import sys
 import time
 from datetime import datetime, timezone
 
+import bbrunner
 from bench import dev_crs, measure, report
 from bench.measure import BenchError
 
@@ -46,18 +48,49 @@ UNBOUNDED = 64     # "unbounded": MAX_CONCURRENT_PROOFS well above the client co
 # A round (or batch) during which other processes kept more than this many cores busy on average
 # is re-run (up to twice as many rounds in all): on 2 cores such a round times the neighbours.
 NOISY_CORES = 0.3
-# How patient to be with the neighbours: the full run waits for quiet and re-runs noisy rounds;
-# the quick run (CI: keep the benchmark working, in bounded time) barely waits and never re-runs.
-PATIENCE = {"full": {"max_wait": 20.0, "reruns": True}, "quick": {"max_wait": 2.0, "reruns": False}}
-patience = PATIENCE["full"]
+
+
+@dataclasses.dataclass(frozen=True)
+class Options:
+    """One benchmark run's settings: a mode's defaults, then the command line's overrides.
+
+    bb: path of bb. sizes: log2 sizes of the latency phase. repeats: {log: rounds},
+    default_repeats for the others. conc_log: size of the concurrency phase (None: skip it);
+    clients, per_client, min_batch, passes: its batches. crs_check_log/_repeats: the real
+    vs dev CRS check. max_wait, reruns: how patient to be with the neighbours (the full run
+    waits for quiet and re-runs noisy rounds; the quick run, CI's, barely waits and never re-runs).
+    """
+    mode: str
+    sizes: tuple
+    repeats: dict
+    default_repeats: int
+    conc_log: int
+    clients: tuple
+    per_client: int
+    min_batch: int
+    passes: int
+    crs_check_log: int
+    crs_check_repeats: int
+    max_wait: float
+    reruns: bool
+    bb: str = ""
+
+    def rounds(self, log):
+        """Rounds of the latency phase at size 2^log."""
+        return self.repeats.get(log, self.default_repeats)
+
+    @property
+    def patience(self):
+        return {"max_wait": self.max_wait, "reruns": self.reruns}
+
 
 MODES = {
-    "full": dict(sizes=list(range(10, 19)), repeats={16: 11, 17: 9, 18: 7}, default_repeats=15,
-                 conc_log=15, clients=[1, 2, 4, 8], per_client=3, min_batch=8, passes=4,
-                 crs_check_log=15, crs_check_repeats=9),
-    "quick": dict(sizes=[10, 11, 12, 13], repeats={}, default_repeats=5,
-                  conc_log=12, clients=[1, 2, 4, 8], per_client=2, min_batch=6, passes=1,
-                  crs_check_log=12, crs_check_repeats=3),
+    "full": Options("full", sizes=tuple(range(10, 19)), repeats={16: 11, 17: 9, 18: 7}, default_repeats=15,
+                    conc_log=15, clients=(1, 2, 4, 8), per_client=3, min_batch=8, passes=4,
+                    crs_check_log=15, crs_check_repeats=9, max_wait=20.0, reruns=True),
+    "quick": Options("quick", sizes=(10, 11, 12, 13), repeats={}, default_repeats=5,
+                     conc_log=12, clients=(1, 2, 4, 8), per_client=2, min_batch=6, passes=1,
+                     crs_check_log=12, crs_check_repeats=3, max_wait=2.0, reruns=False),
 }
 
 _started = time.monotonic()
@@ -176,8 +209,9 @@ def check_reply(reply, size, what):
         raise BenchError(f"{what}: unexpected publicInputs {reply.public_inputs}")
 
 
-def latency_phase(bb, log, crs, crs_kind, repeats, work):
+def latency_phase(opts, log, crs, crs_kind, work):
     """Time floor / rust call / worker / upload-only for size 2^log, interleaved; return its record."""
+    bb, repeats = opts.bb, opts.rounds(log)
     size = load_size(log)
     acir, rows = measure.gates(bb, size["circuit"])
     vk_dir = fresh_dir(os.path.join(work, "vk"))
@@ -232,9 +266,9 @@ def latency_phase(bb, log, crs, crs_kind, repeats, work):
             rec["verified"] = True
         steps = ["floor", "rust", "worker", "upload"]
         rounds = []
-        most = 2 * repeats if patience["reruns"] else repeats
+        most = 2 * repeats if opts.reruns else repeats
         while sum(r["load"] <= NOISY_CORES for r in rounds) < repeats and len(rounds) < most:
-            waited = measure.wait_quiet(max_wait=patience["max_wait"])
+            waited = measure.wait_quiet(max_wait=opts.max_wait)
             before = measure.Load.snap()
             one = {"waited": waited}
             i = len(rounds)
@@ -280,7 +314,7 @@ def latency_phase(bb, log, crs, crs_kind, repeats, work):
     return rec
 
 
-def concurrency_phase(bb, log, crs, clients_list, per_client, min_batch, passes, work, default_limit):
+def concurrency_phase(opts, log, crs, work, default_limit):
     """Clients 1..8 against two live workers, the limit at its default and unbounded; return records.
 
     Both servers run side by side (idle when not under test) and the batches
@@ -288,6 +322,7 @@ def concurrency_phase(bb, log, crs, clients_list, per_client, min_batch, passes,
     alike. A batch is `clients` threads sending max(`per_client` x clients,
     `min_batch`) requests, closed loop. Records aggregate the passes per (limit, clients).
     """
+    bb, clients_list, passes = opts.bb, list(opts.clients), opts.passes
     size = load_size(log)
     configs = (("default", default_limit), ("unbounded", UNBOUNDED))
     acc = {}
@@ -312,7 +347,8 @@ def concurrency_phase(bb, log, crs, clients_list, per_client, min_batch, passes,
                         "peak_bb": 0, "rss_samples": 0, "batches": 0, "batch_load": [], "waited": 0.0,
                         "batches_discarded": 0})
                     for attempt in range(3):  # a batch the neighbours disturbed is re-run, twice at most
-                        batch = run_batch(bb, servers[label], size, clients, max(clients * per_client, min_batch))
+                        batch = run_batch(opts, servers[label], size, clients,
+                                          max(clients * opts.per_client, opts.min_batch))
                         rec["waited"] += batch["waited"]
                         for key, count in batch["failed"].items():  # failures always count
                             rec["failed"][key] = rec["failed"].get(key, 0) + count
@@ -324,7 +360,7 @@ def concurrency_phase(bb, log, crs, clients_list, per_client, min_batch, passes,
                                  + (f", {bad} FAILED" if bad else ""))
                         if bad:
                             progress("  server log:\n" + servers[label].output_tail())
-                        if batch["load"] <= NOISY_CORES or attempt == 2 or not patience["reruns"]:
+                        if batch["load"] <= NOISY_CORES or attempt == 2 or not opts.reruns:
                             break
                         rec["batches_discarded"] += 1
                     rec["requests"] += len(batch["ok"]) + bad
@@ -350,15 +386,15 @@ def concurrency_phase(bb, log, crs, clients_list, per_client, min_batch, passes,
     return records, background
 
 
-def run_batch(bb, server, size, clients, total):
+def run_batch(opts, server, size, clients, total):
     """One closed-loop batch against `server` once the machine is quiet, sampling bb's RSS.
 
     Returns a dict: elapsed (s), ok (list of latencies in s), failed ({reason: count}),
     peak_bytes, peak_count, samples (RSS sampler), load (other processes' cores), waited (s).
     """
-    waited = measure.wait_quiet(max_wait=patience["max_wait"])
+    waited = measure.wait_quiet(max_wait=opts.max_wait)
     before = measure.Load.snap()
-    sampler = measure.RSSSampler(bb, server.proc.pid).start()
+    sampler = measure.RSSSampler(opts.bb, server.proc.pid).start()
     try:
         elapsed, replies = measure.closed_loop(server.port, size["witness"], clients, total,
                                                size["meta"]["public_inputs"])
@@ -374,8 +410,9 @@ def run_batch(bb, server, size, clients, total):
             "load": measure.Load.between(before, measure.Load.snap())["other_cores"], "waited": waited}
 
 
-def crs_check(bb, log, real, dev, repeats, work):
+def crs_check(opts, real, dev, work):
     """Floor at 2^log with the real and the dev CRS, interleaved; and bb verify on a dev-CRS proof."""
+    bb, log, repeats = opts.bb, opts.crs_check_log, opts.crs_check_repeats
     size = load_size(log)
     vk_real = os.path.join(fresh_dir(os.path.join(work, "vk-real")), "vk")
     vk_dev = os.path.join(fresh_dir(os.path.join(work, "vk-dev")), "vk")
@@ -384,7 +421,7 @@ def crs_check(bb, log, real, dev, repeats, work):
     times = {"real": [], "dev": []}
     out = os.path.join(work, "crs-check")
     for i in range(repeats + 1):
-        measure.wait_quiet(max_wait=patience["max_wait"])
+        measure.wait_quiet(max_wait=opts.max_wait)
         for kind in (("real", "dev") if i % 2 == 0 else ("dev", "real")):
             crs, vk = (real, vk_real) if kind == "real" else (dev, vk_dev)
             run = measure.run_bb(bb_argv(bb, size, fresh_dir(out), crs, vk))
@@ -395,8 +432,7 @@ def crs_check(bb, log, real, dev, repeats, work):
     with open(os.path.join(out, "proof"), "rb") as f:
         proof = f.read()
     with open(os.path.join(out, "public_inputs"), "rb") as f:
-        data = f.read()
-    pis = ["0x" + data[i:i + 32].hex() for i in range(0, len(data), 32)]
+        pis = bbrunner.parse_public_inputs(f.read())
     rejected = not measure.verify(bb, vk_dev, proof, pis, dev)
     rec = {"log": log, "real": times["real"], "dev": times["dev"], "dev_proof_rejected": rejected}
     progress(f"CRS check 2^{log}: real {statistics.median(times['real']) * 1000:.0f} ms, "
@@ -483,25 +519,29 @@ def main(argv=None):
         print(report.markdown(results))
         return 0
 
-    global patience
     mode_name = "quick" if args.quick else "full"
-    mode = dict(MODES[mode_name])
-    patience = PATIENCE[mode_name]
+    opts = MODES[mode_name]
     custom = bool(args.sizes or args.repeats or args.conc_size or args.no_concurrency)
     if args.sizes:
-        mode["sizes"] = sorted({int(x) for x in args.sizes.split(",")})
-        if not set(mode["sizes"]) <= set(SIZES):
+        sizes = tuple(sorted({int(x) for x in args.sizes.split(",")}))
+        if not set(sizes) <= set(SIZES):
             parser.error(f"--sizes must be among {min(SIZES)}..{max(SIZES)}")
+        opts = dataclasses.replace(opts, sizes=sizes)
+    if args.repeats:
+        opts = dataclasses.replace(opts, repeats={}, default_repeats=args.repeats)
     if args.conc_size:
         if args.conc_size not in SIZES:
             parser.error(f"--conc-size must be among {min(SIZES)}..{max(SIZES)}")
-        mode["conc_log"] = args.conc_size
+        opts = dataclasses.replace(opts, conc_log=args.conc_size)
+    if args.no_concurrency:
+        opts = dataclasses.replace(opts, conc_log=None)
     out_dir = args.out or (BENCH if mode_name == "full" and not custom
                            else os.path.join(OUT, mode_name if not custom else "custom"))
     bb = os.path.abspath(os.environ.get("BB_BINARY") or os.path.join(ROOT, ".bb", "bb"))
     if not os.access(bb, os.X_OK):
         print(f"bench: bb not found at {bb}: run `make setup`", file=sys.stderr)
         return 2
+    opts = dataclasses.replace(opts, bb=bb)
 
     def on_term(signum, frame):
         raise KeyboardInterrupt(f"signal {signum}")
@@ -510,7 +550,7 @@ def main(argv=None):
     work = os.path.join(OUT, f"work-{mode_name}")
     shutil.rmtree(work, ignore_errors=True)
     os.makedirs(work)
-    results = {"mode": mode_name, "custom": custom, "patience": patience, "noisy_cores": NOISY_CORES}
+    results = {"mode": mode_name, "custom": custom, "patience": opts.patience, "noisy_cores": NOISY_CORES}
     meter = measure.CpuMeter().start()
     try:
         results["machine"] = machine_info(bb)
@@ -518,19 +558,17 @@ def main(argv=None):
             dev_crs.self_test()  # point 1 = s*G, on the curve, ~/.bb-crs refused
         limit = default_limit()
         results["default_limit"] = limit
-        logs = mode["sizes"]
-        conc_log = None if args.no_concurrency else mode["conc_log"]
-        needed = sorted(set(logs) | ({conc_log} if conc_log else set()) | {mode["crs_check_log"]})
+        conc_log = opts.conc_log
+        needed = sorted(set(opts.sizes) | ({conc_log} if conc_log else set()) | {opts.crs_check_log})
         ensure_circuits(needed)
         results["noir"] = load_size(needed[0])["meta"]["noir_version"]
-        crs_for, real, dev = prepare_crs(needed, extra_dev_log=mode["crs_check_log"])
+        crs_for, real, dev = prepare_crs(needed, extra_dev_log=opts.crs_check_log)
         if real is None:
             progress("warning: ../shared/crs not found: every size uses the INSECURE dev CRS")
         results["sizes"] = []
-        for log in logs:
-            repeats = args.repeats or mode["repeats"].get(log, mode["default_repeats"])
+        for log in opts.sizes:
             kind = "real" if crs_for[log] == real else "dev"
-            results["sizes"].append(latency_phase(bb, log, crs_for[log], kind, repeats,
+            results["sizes"].append(latency_phase(opts, log, crs_for[log], kind,
                                                   fresh_dir(os.path.join(work, f"2^{log}"))))
         if conc_log:
             progress(f"concurrency at 2^{conc_log} (MAX_CONCURRENT_PROOFS default {limit} and {UNBOUNDED})")
@@ -546,17 +584,15 @@ def main(argv=None):
                                            crs_for[conc_log], os.path.join(vk_dir, "vk")),
                                    sample_rss=True).max_rss_bytes
                     for _ in range(3))
-            runs, background = concurrency_phase(bb, conc_log, crs_for[conc_log], mode["clients"],
-                                                 mode["per_client"], mode["min_batch"], mode["passes"],
+            runs, background = concurrency_phase(opts, conc_log, crs_for[conc_log],
                                                  fresh_dir(os.path.join(work, "conc")), limit)
             results["concurrency"] = {"log": conc_log, "one_proof_rss_bytes": one_rss, "runs": runs,
-                                      "passes": mode["passes"], "per_client": mode["per_client"],
-                                      "min_batch": mode["min_batch"],
+                                      "passes": opts.passes, "per_client": opts.per_client,
+                                      "min_batch": opts.min_batch,
                                       "background": background}
         if real and dev:
-            results["crs_check"] = crs_check(bb, mode["crs_check_log"], real, dev, mode["crs_check_repeats"],
-                                             fresh_dir(os.path.join(work, "crs")))
-    except BenchError as exc:
+            results["crs_check"] = crs_check(opts, real, dev, fresh_dir(os.path.join(work, "crs")))
+    except (BenchError, measure.ServerError) as exc:
         print(f"bench: FAILED: {exc}", file=sys.stderr)
         return 1
     except KeyboardInterrupt:

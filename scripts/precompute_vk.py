@@ -6,7 +6,7 @@ the rest and the server never writes its VK cache) and by tests/test_image.py.
     python3 scripts/precompute_vk.py
         Compute the VK of the configured circuit (settings.py: CIRCUIT_PATH, and
         every *.json in CIRCUITS_DIR if set; BB_BINARY, BB_CRS_PATH, VERIFIER_TARGET,
-        VK_CACHE_DIR) into VK_CACHE_DIR with bbrunner.Prover.ensure_vk: the same
+        VK_CACHE_DIR) into VK_CACHE_DIR with bbrunner.Circuit.ensure_vk: the same
         cache key the server computes, so a server with the same circuit, bb and
         target finds it without writing.
 
@@ -139,15 +139,15 @@ def vk_main():
         raise PrecomputeError(f"bad configuration: {exc}") from None
     import bbrunner
 
-    circuits = [settings.CIRCUIT_PATH] + list(settings.circuit_files().values())  # what the server serves
+    bb = bbrunner.BB(**settings.BB_OPTIONS)
+    status = bb.status()
+    if not status.available:
+        raise PrecomputeError(f"bb is not available: {status.detail}")
+    version = status.version
     largest = 0
-    for circuit in circuits:
-        prover = bbrunner.Prover(circuit=circuit, **settings.PROVER_OPTIONS)
-        available, version, detail = prover.status()
-        if not available:
-            raise PrecomputeError(f"bb is not available: {detail}")
+    for circuit in settings.CIRCUITS.values():  # what the server serves
         try:
-            vk = prover.ensure_vk()
+            vk = bbrunner.Circuit(bb, circuit, settings.VK_CACHE_DIR).ensure_vk()
         except (bbrunner.ProverError, OSError) as exc:
             raise PrecomputeError(f"could not compute the verification key of {circuit}: {exc}") from None
         k = vk_log_size(vk)

@@ -8,7 +8,8 @@ import time
 
 import pytest
 
-from conftest import VALID, expected, fixture_bytes, request, request_json
+from conftest import VALID, expected, fixture_bytes
+from support import request, request_json
 
 ISO_Z = re.compile(r"^\d{4}-\d{2}-\d{2}T\d{2}:\d{2}:\d{2}(\.\d+)?Z$")
 UUID = re.compile(r"^[0-9a-f]{8}-[0-9a-f]{4}-4[0-9a-f]{3}-[89ab][0-9a-f]{3}-[0-9a-f]{12}$")
@@ -156,7 +157,7 @@ def test_bogus_bb_binary_gives_503_health_and_500_prove(start_server, tmp_path):
 
 
 def test_prove_timeout_is_504_and_kills_bb(start_server, fake_bb, tmp_path):
-    from conftest import bb_processes
+    from support import bb_processes
     srv = start_server(BB_BINARY=fake_bb, FAKE_BB_MODE="sleep", PROVE_TIMEOUT_SECONDS="1")
     started = time.monotonic()
     status, _, body = request_json(srv.port, "POST", "/api/prove", fixture_bytes("valid_1.gz"))

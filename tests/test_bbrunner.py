@@ -12,7 +12,8 @@ import gevent
 import pytest
 
 import bbrunner
-from conftest import CIRCUIT, FIXTURES, ROOT, alive, expected, write_script
+from conftest import CIRCUIT, FIXTURES, expected, write_script
+from support import ROOT, alive
 
 NOISY_STDERR = (b"Scheme is: ultra_honk, num threads: 8 (mem: 5.1 MiB)\n"
                 b"CircuitProve: Proving key computed in 3 ms (mem: 6 MiB)\n"
@@ -232,7 +233,7 @@ def test_run_of_a_file_that_is_not_executable_is_unavailable(tmp_path):
         bbrunner.run([str(path)], 5)
 
 
-# ---------------------------------------------------------------- Prover.status
+# ---------------------------------------------------------------- BB.status
 
 VERSION_SCRIPT = """\
 #!/bin/sh
@@ -243,8 +244,8 @@ exit 1
 
 
 def make_prover(binary, tmp_path, crs_dir=None, **options):
-    """The one place a Prover is built in this file."""
-    return bbrunner.Prover(binary, CIRCUIT, str(tmp_path / "vk-cache"), crs_dir=crs_dir, **options)
+    """The one place a Circuit (with its BB) is built in this file."""
+    return bbrunner.Circuit(bbrunner.BB(binary, crs_dir=crs_dir, **options), CIRCUIT, str(tmp_path / "vk-cache"))
 
 
 def calls(counter):
@@ -259,28 +260,28 @@ def test_status_runs_version_once_and_again_when_bb_changes(tmp_path):
     counter = tmp_path / "count"
     binary = fake_version_bb(tmp_path / "bb", counter)
     prover = make_prover(binary, tmp_path)
-    assert prover.status() == (True, "5.0.0-fake", f"{binary}: not an ELF file")
-    assert prover.status()[:2] == (True, "5.0.0-fake")
-    assert prover.binary_arch() == f"{binary}: not an ELF file"
+    assert prover.bb.status() == (True, "5.0.0-fake", f"{binary}: not an ELF file")
+    assert prover.bb.status()[:2] == (True, "5.0.0-fake")
+    assert prover.bb.binary_arch() == f"{binary}: not an ELF file"
     assert prover.version() == "5.0.0-fake"
     assert calls(counter) == 1
 
     st = os.stat(binary)
     os.utime(binary, ns=(st.st_atime_ns, st.st_mtime_ns + 2_000_000_000))  # touch
-    assert prover.status()[:2] == (True, "5.0.0-fake")
+    assert prover.bb.status()[:2] == (True, "5.0.0-fake")
     assert calls(counter) == 2
 
     new = fake_version_bb(tmp_path / "bb.new", counter, version="5.0.1-fake")
     os.replace(new, binary)
-    assert prover.status()[:2] == (True, "5.0.1-fake")
-    assert prover.status()[:2] == (True, "5.0.1-fake")
+    assert prover.bb.status()[:2] == (True, "5.0.1-fake")
+    assert prover.bb.status()[:2] == (True, "5.0.1-fake")
     assert calls(counter) == 3
 
 
 def test_status_of_a_missing_or_non_executable_bb(tmp_path):
     binary = tmp_path / "bb"
     prover = make_prover(str(binary), tmp_path)
-    available, version, detail = prover.status()
+    available, version, detail = prover.bb.status()
     assert (available, version) == (False, None)
     assert detail == f"{binary}: No such file or directory"
     with pytest.raises(bbrunner.ProverUnavailable):
@@ -288,14 +289,14 @@ def test_status_of_a_missing_or_non_executable_bb(tmp_path):
 
     fake_version_bb(binary, tmp_path / "count")
     binary.chmod(0o644)
-    assert prover.status() == (False, None, f"{binary}: not executable")
+    assert prover.bb.status() == (False, None, f"{binary}: not executable")
     binary.chmod(0o755)
-    assert prover.status()[:2] == (True, "5.0.0-fake")  # appears later: picked up
+    assert prover.bb.status()[:2] == (True, "5.0.0-fake")  # appears later: picked up
 
 
 def test_status_of_a_bb_that_does_not_run(tmp_path):
     binary = write_script(tmp_path / "bb", "#!/bin/sh\necho 'GLIBC_2.38 not found' >&2\nexit 1\n")
-    available, version, detail = make_prover(binary, tmp_path).status()
+    available, version, detail = make_prover(binary, tmp_path).bb.status()
     assert (available, version) == (False, None)
     assert "does not run" in detail
 
@@ -313,14 +314,14 @@ def test_status_recovers_after_a_transient_version_failure(tmp_path, monkeypatch
         echo 5.0.0-fake
         """)
     prover = make_prover(binary, tmp_path)
-    assert prover.status()[0] is False
+    assert prover.bb.status()[0] is False
     for _ in range(5):  # within the retry interval: the failure is remembered, bb is not run
-        assert prover.status()[0] is False
+        assert prover.bb.status()[0] is False
     assert len(calls.read_text().split()) == 1
     deadline = time.monotonic() + 3
-    while not prover.status()[0] and time.monotonic() < deadline:
+    while not prover.bb.status()[0] and time.monotonic() < deadline:
         time.sleep(0.1)
-    assert prover.status()[:2] == (True, "5.0.0-fake")
+    assert prover.bb.status()[:2] == (True, "5.0.0-fake")
     assert len(calls.read_text().split()) == 2
 
 
@@ -381,7 +382,7 @@ def run(argv, timeout):
         time.sleep(0.3)  # widen the window in which the others race
     return real(argv, timeout)
 bbrunner.run = run
-prover = bbrunner.Prover(binary, circuit, cache, crs_dir=crs or None)
+prover = bbrunner.Circuit(bbrunner.BB(binary, crs_dir=crs or None), circuit, cache)
 while not os.path.exists(go):
     time.sleep(0.005)
 print(prover.ensure_vk())
@@ -480,142 +481,9 @@ def test_bb_exiting_0_without_usable_output_is_crashed(tmp_path, body):
         make_prover(binary, tmp_path).prove(str(tmp_path / "w.gz"), str(out))
 
 
-# ---------------------------------------------------------------- ProofSlots
-
-HOLDER = """\
-import sys, time
-sys.path.insert(0, {root!r})
-import bbrunner
-lock_dir, count, timeout, hold, log = sys.argv[1:]
-slots = bbrunner.ProofSlots(lock_dir, int(count))
-try:
-    with slots.acquire(float(timeout)):
-        start = time.time()
-        print("held", flush=True)
-        time.sleep(float(hold))
-        end = time.time()
-except bbrunner.SlotTimeout:
-    print("timeout", flush=True)
-    sys.exit(3)
-with open(log, "a") as f:
-    f.write(f"{{start}} {{end}}\\n")
-"""
-
-
-@pytest.fixture
-def holder(tmp_path):
-    """holder(timeout, hold, count=1) -> a started process that holds a slot in tmp_path/slots."""
-    script = tmp_path / "holder.py"
-    script.write_text(HOLDER.format(root=ROOT))
-    procs = []
-
-    def start(timeout, hold, count=1):
-        proc = subprocess.Popen([sys.executable, str(script), str(tmp_path / "slots"), str(count),
-                                 str(timeout), str(hold), str(tmp_path / "held.log")],
-                                stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-        procs.append(proc)
-        return proc
-
-    yield start
-    for proc in procs:
-        if proc.poll() is None:
-            proc.kill()
-        proc.communicate(timeout=10)
-
-
-def test_one_slot_is_held_by_one_process_at_a_time(holder, tmp_path):
-    procs = [holder(timeout=20, hold=0.3) for _ in range(3)]
-    for proc in procs:
-        proc.wait(timeout=30)
-    assert [p.returncode for p in procs] == [0, 0, 0]
-    spans = sorted(tuple(map(float, line.split())) for line in (tmp_path / "held.log").read_text().splitlines())
-    assert len(spans) == 3
-    for (_, end), (start, _) in zip(spans, spans[1:]):
-        assert start >= end, f"overlapping holders: {spans}"
-
-
-def test_a_held_slot_times_out_other_processes_and_is_freed_by_sigkill(holder, tmp_path):
-    first = holder(timeout=5, hold=300)
-    assert first.stdout.readline() == "held\n"
-    slots = bbrunner.ProofSlots(str(tmp_path / "slots"), 1)
-    with pytest.raises(bbrunner.SlotTimeout):
-        with slots.acquire(0.2):
-            pass
-    second = holder(timeout=0.2, hold=0)
-    assert second.wait(timeout=30) == 3
-
-    first.send_signal(signal.SIGKILL)
-    first.wait(timeout=10)
-    started = time.monotonic()
-    with slots.acquire(1):
-        assert time.monotonic() - started < 0.5
-
-
-def test_acquire_times_out_after_the_timeout(tmp_path):
-    slots = bbrunner.ProofSlots(str(tmp_path / "slots"), 1)
-    with slots.acquire(1):
-        started = time.monotonic()
-        with pytest.raises(bbrunner.SlotTimeout, match="0.3 s"):
-            with slots.acquire(0.3):
-                pytest.fail("got a held slot")
-        assert 0.3 <= time.monotonic() - started < 1.5
-
-
-def test_count_slots_are_shared_and_released_on_error(tmp_path):
-    slots = bbrunner.ProofSlots(str(tmp_path / "slots"), 2)
-    other = bbrunner.ProofSlots(str(tmp_path / "slots"), 2)  # e.g. another worker process
-    with slots.acquire(1), other.acquire(1):
-        with pytest.raises(bbrunner.SlotTimeout):
-            with slots.acquire(0.1):
-                pass
-    with pytest.raises(ZeroDivisionError):
-        with slots.acquire(1), other.acquire(1):
-            1 / 0
-    with slots.acquire(0), other.acquire(0):
-        pass
-
-
-def test_a_waiting_greenlet_gets_the_slot_when_it_is_released(tmp_path):
-    slots = bbrunner.ProofSlots(str(tmp_path / "slots"), 1)
-    order = []
-
-    def job(name, hold):
-        with slots.acquire(5):
-            order.append(f"{name} in")
-            gevent.sleep(hold)
-            order.append(f"{name} out")
-
-    first = gevent.spawn(job, "a", 0.2)
-    gevent.sleep(0.05)
-    second = gevent.spawn(job, "b", 0)
-    gevent.joinall([first, second], timeout=10, raise_error=True)
-    assert order == ["a in", "a out", "b in", "b out"]
-
-
 def test_unwritable_vk_cache_is_a_clear_prover_unavailable(bb, tmp_path):
     cache = tmp_path / "vk-cache"
     cache.write_text("a file, so nothing can be created under it")
-    prover = bbrunner.Prover(bb, CIRCUIT, str(cache))
+    prover = bbrunner.Circuit(bbrunner.BB(bb), CIRCUIT, str(cache))
     with pytest.raises(bbrunner.ProverUnavailable, match="set VK_CACHE_DIR"):
         prover.ensure_vk()
-
-
-def test_slot_waiters_in_one_process_are_served_first_come_first_served(tmp_path):
-    slots = bbrunner.ProofSlots(str(tmp_path / "slots"), 1, poll=0.01)
-    order = []
-
-    def client(name, hold):
-        token = slots.take(10)
-        order.append(name)
-        gevent.sleep(hold)
-        slots.release(token)
-
-    first = slots.take(1)
-    waiters = []
-    for name in "ABC":
-        waiters.append(gevent.spawn(client, name, 0.05))
-        gevent.sleep(0.02)  # A waits longest, then B, then C
-    slots.release(first)
-    waiters.append(gevent.spawn(client, "late", 0))  # arrives as the slot frees: must not overtake
-    gevent.joinall(waiters, timeout=10, raise_error=True)
-    assert order == ["A", "B", "C", "late"]

@@ -7,7 +7,7 @@ import sys
 
 import pytest
 
-from conftest import ROOT, free_port
+from support import ROOT, free_port
 
 GUNICORN = [sys.executable, "-m", "gunicorn", "-c", "gunicorn.conf.py"]
 

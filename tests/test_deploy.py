@@ -24,7 +24,7 @@ import kubernetes_validate
 import pytest
 import yaml
 
-from conftest import ROOT
+from support import ROOT
 from test_image import IMAGE_UID, load, runtime_config
 
 DEPLOY = os.path.join(ROOT, "deploy")

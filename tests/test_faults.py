@@ -11,7 +11,8 @@ import time
 
 import pytest
 
-from conftest import alive, bb_processes, fixture_bytes, request, request_json
+from conftest import fixture_bytes
+from support import alive, bb_processes, request, request_json
 
 WITNESS = fixture_bytes("valid_1.gz")
 

@@ -11,7 +11,8 @@ import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
 from app import accept_quality, wants_binary
-from conftest import CIRCUIT, FIXTURES, crs_args, expected, fixture_bytes, request, request_json
+from conftest import CIRCUIT, FIXTURES, crs_args, expected, fixture_bytes
+from support import request, request_json
 
 WITNESS = fixture_bytes("valid_1.gz")
 PUBLIC = expected()["valid_1.gz"]["public_inputs"]

@@ -5,7 +5,8 @@ import subprocess
 
 import pytest
 
-from conftest import CIRCUIT, FIXTURES, ROOT
+from conftest import CIRCUIT, FIXTURES
+from support import ROOT
 
 NOIR_TOOLS = os.path.join(ROOT, "tools", "noir")
 

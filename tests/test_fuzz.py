@@ -15,6 +15,7 @@ import pytest
 from hypothesis import HealthCheck, given, settings, strategies as st
 
 import app
+import admission
 import bbrunner
 from conftest import CIRCUIT, VALID, fixture_bytes
 
@@ -52,12 +53,12 @@ def check_answer(status, headers, body):
 
 @pytest.fixture(scope="module")
 def worker(bb, crs_dir, tmp_path_factory):
-    """The real Worker with the real bb, small limits, its own temp area."""
+    """The real App with the real bb, small limits, its own temp area."""
     base = tmp_path_factory.mktemp("wsgi")
-    prover = bbrunner.Prover(bb, CIRCUIT, str(base / "vk"), crs_dir=crs_dir, timeout=60)
-    slots = bbrunner.ProofSlots(str(base / "slots"), 1)
+    circuit = bbrunner.Circuit(bbrunner.BB(bb, crs_dir=crs_dir, timeout=60), CIRCUIT, str(base / "vk"))
+    queue = admission.ProofQueue(admission.ProofSlots(str(base / "slots"), 1), 10)
     os.makedirs(base / "work")
-    return app.Worker(prover, slots, str(base / "work"), LIMIT, 1024 * 1024, 10, 5)
+    return app.App({"default": circuit}, queue, str(base / "work"), app.Limits(LIMIT, 1024 * 1024, 5))
 
 
 @settings(max_examples=200, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
@@ -120,7 +121,7 @@ def raw_request(port, head_lines, body, chunked):
 
 @pytest.fixture(scope="module")
 def fuzz_server(tmp_path_factory, crs_dir, bb):
-    from conftest import Server
+    from support import Server
     env = {"BB_BINARY": bb, "MAX_BODY_BYTES": str(LIMIT), "UPLOAD_TIMEOUT_SECONDS": "2"}
     if crs_dir:
         env["BB_CRS_PATH"] = crs_dir

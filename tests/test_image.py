@@ -30,7 +30,8 @@ import time
 
 import pytest
 
-from conftest import FIXTURES, ROOT, SHARED_CRS, Server, expected, fixture_bytes, free_port, request_json
+from conftest import FIXTURES, SHARED_CRS, expected, fixture_bytes
+from support import ROOT, Server, free_port, parent_pid, pids, request_json
 
 DOCKERFILES = ("Dockerfile", "Dockerfile.dev")
 IMAGE_UID = 65532  # distroless `nonroot`
@@ -375,31 +376,23 @@ def test_build_context_lets_through_every_copied_file_and_nothing_else():
 
 # ---------------------------------------------------------------- README
 
-def _readme_image_sections():
-    """(name, text) of the README sections that document the image."""
-    sections = []
-    with open(os.path.join(ROOT, "deploy", "README.md")) as f:
-        sections.append(("deploy/README.md", f.read()))
-    top = os.path.join(ROOT, "README.md")
-    if os.path.exists(top):
-        with open(top) as f:
-            text = f.read()
-        m = re.search(r"^(#+) Container image\b.*?$(.*?)(?=^\1 |\Z)", text, re.M | re.S)
-        assert m, "README.md has no 'Container image' section (see deploy/README.md)"
-        sections.append(("README.md#container-image", m.group(2)))
-    return sections
-
-
 def test_readme_documents_the_image_command_and_env_defaults():
+    """deploy/README.md is the one place for the image's command and environment; README links it."""
     entrypoint, cmd, env = runtime_config(load())
     command = " ".join(entrypoint + cmd)
-    for name, text in _readme_image_sections():
-        assert command in text, f"{name} does not give the image's command `{command}`"
-        for var, value in env.items():
-            if var in BASE_ENV:
-                continue
-            assert f"`{var}={value}`" in text, f"{name} does not document the image default `{var}={value}`"
-        assert "65532" in text and "8080" in text
+    with open(os.path.join(ROOT, "deploy", "README.md")) as f:
+        text = f.read()
+    assert command in text, f"deploy/README.md does not give the image's command `{command}`"
+    for var, value in env.items():
+        if var in BASE_ENV:
+            continue
+        assert f"`{var}={value}`" in text, f"deploy/README.md does not document the image default `{var}={value}`"
+    assert "65532" in text and "8080" in text
+    with open(os.path.join(ROOT, "README.md")) as f:
+        top = f.read()
+    m = re.search(r"^(#+) Container image\b.*?$(.*?)(?=^\1 |\Z)", top, re.M | re.S)
+    assert m, "README.md has no 'Container image' section (see deploy/README.md)"
+    assert "(deploy/README.md#images)" in m.group(2), "README.md's container section must link deploy/README.md"
 
 
 # ---------------------------------------------------------------- precompute_vk.py
@@ -806,14 +799,9 @@ class ImageServer(Server):
         """gunicorn's master: the process started (under strace, strace's child)."""
         if not self.traced:
             return self.proc.pid
-        for pid in os.listdir("/proc"):
-            try:
-                with open(f"/proc/{pid}/stat") as f:
-                    fields = f.read().rsplit(")", 1)[1].split()
-            except (OSError, IndexError):
-                continue
-            if int(fields[1]) == self.proc.pid:
-                return int(pid)
+        for pid in pids():
+            if parent_pid(pid) == self.proc.pid:
+                return pid
         raise AssertionError("gunicorn's master process not found")
 
     def uid(self, pid):

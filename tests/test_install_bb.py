@@ -10,7 +10,8 @@ import tarfile
 
 import pytest
 
-from conftest import ROOT, write_script
+from conftest import write_script
+from support import ROOT
 
 SCRIPT = os.path.join(ROOT, "scripts", "install_bb.py")
 

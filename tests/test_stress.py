@@ -18,7 +18,8 @@ from collections import Counter
 
 import pytest
 
-from conftest import VALID, bb_processes, expected, fixture_bytes
+from conftest import VALID, expected, fixture_bytes
+from support import bb_processes, rss_bytes
 
 pytestmark = pytest.mark.stress
 
@@ -27,17 +28,6 @@ REQUESTS = 320
 MAX_BODY = 256 * 1024
 MAX_WITNESS = 8 * 1024 * 1024
 SERVER_RSS_LIMIT = 150 * 1024 * 1024
-
-
-def rss_bytes(pid):
-    try:
-        with open(f"/proc/{pid}/status") as f:
-            for line in f:
-                if line.startswith("VmRSS:"):
-                    return int(line.split()[1]) * 1024
-    except OSError:
-        pass
-    return 0
 
 
 def children(pid):

@@ -14,6 +14,7 @@ from wsgiref.validate import validator
 import gevent
 import pytest
 
+import admission
 import bbrunner
 from conftest import fixture_bytes
 
@@ -32,9 +33,13 @@ def app():
 # ---------------------------------------------------------------- stubs
 
 class StubProver:
-    """Stands in for bbrunner.Prover: records calls, returns `result` or raises `error`."""
+    """Stands in for a bbrunner.Circuit and its BB: records calls, returns a proof or raises `error`."""
 
     verifier_target = None
+
+    @property
+    def bb(self):
+        return self
 
     def __init__(self, error=None, available=True, version="5.0.0-stub", detail=ELF_TEXT):
         self.error = error
@@ -50,7 +55,7 @@ class StubProver:
         return bbrunner.Proof(b"\x00proof\xff", ["0x" + "00" * 31 + "07", "0x" + "ab" * 32])
 
     def status(self):
-        return self.available, self.version if self.available else None, self.detail
+        return bbrunner.Status(self.available, self.version if self.available else None, self.detail)
 
     def binary_arch(self):
         return self.detail
@@ -60,7 +65,7 @@ class RaisingSlots:
     """ProofSlots whose every way in (acquire(), take()) times out at once."""
 
     def acquire(self, timeout):
-        raise bbrunner.SlotTimeout(f"no proof slot free within {timeout:g} s")
+        raise admission.SlotTimeout(f"no proof slot free within {timeout:g} s")
 
     take = acquire
 
@@ -92,14 +97,14 @@ class Stream:
         raise AssertionError("iteration is not used")
 
 
-def make_worker(app, prover, work_dir, slots=None, **limits):
-    """The one place a Worker is built (its constructor may gain keyword arguments)."""
-    options = {"max_body_bytes": 1 * MiB, "max_witness_bytes": 4 * MiB,
-               "queue_timeout": 0.2, "upload_timeout": 5.0}
+def make_worker(app, prover, work_dir, slots=None, queue_timeout=0.2, response_format="json", **limits):
+    """The one place an App is built (its constructor may gain keyword arguments)."""
+    options = {"max_body_bytes": 1 * MiB, "max_witness_bytes": 4 * MiB, "upload_timeout": 5.0}
     options.update(limits)
     if slots is None:
-        slots = bbrunner.ProofSlots(os.path.join(os.path.dirname(work_dir), "slots"), 1)
-    return app.Worker(prover, slots, str(work_dir), **options)
+        slots = admission.ProofSlots(os.path.join(os.path.dirname(work_dir), "slots"), 1)
+    queue = admission.ProofQueue(slots, queue_timeout)
+    return app.App({"default": prover}, queue, str(work_dir), app.Limits(**options), response_format)
 
 
 def call(worker, method, path, body=None, stream=None, **environ_extra):
@@ -274,7 +279,7 @@ def test_prover_errors_map_to_status_codes(app, work_dir, error, code, title, me
 
 
 def test_busy_slots_are_503_with_retry_after(app, prover, work_dir, tmp_path):
-    slots = bbrunner.ProofSlots(str(tmp_path / "slots"), 1)
+    slots = admission.ProofSlots(str(tmp_path / "slots"), 1)
     worker = make_worker(app, prover, work_dir, slots=slots, queue_timeout=0.3)
     with slots.acquire(1):
         started = time.monotonic()

@@ -1,0 +1,172 @@
+"""Admission of proof requests: a bounded per-process queue, then a proof slot.
+
+ProofQueue is what app.App holds: admit() counts a proof request from its first
+byte until it gets a slot (503 when MAX_QUEUED_REQUESTS are already queued), slot()
+waits for one of the ProofSlots shared by every worker process (503 after
+QUEUE_TIMEOUT_SECONDS). ProofSlots are lock files, so a killed worker leaks none.
+"""
+import os
+import fcntl
+import logging
+import time
+from collections import deque
+from contextlib import contextmanager
+
+from gevent.event import Event
+
+import observability
+from httperrors import ServiceUnavailable
+
+log = logging.getLogger("bb_worker")
+
+
+class Busy(ServiceUnavailable):
+    """503: the queue is full or no proof slot freed up in time (the metrics outcome "busy")."""
+
+
+class Ticket:
+    """One admitted proof request; counts as queued until leave()."""
+
+    def __init__(self, queue):
+        self._queue = queue
+        self.queued = True
+
+    def leave(self):
+        """Stop counting as queued (got a slot, or the request is over); idempotent."""
+        if self.queued:
+            self.queued = False
+            self._queue.queued -= 1
+
+
+class ProofQueue:
+    """Admission for this process's proof requests.
+
+    slots: the ProofSlots shared by every worker process. timeout: seconds a request
+    may wait for a slot. max_queued: proof requests this process holds beyond its
+    proof slots (uploading or waiting); more get 503 at once.
+    """
+
+    def __init__(self, slots, timeout, max_queued=16):
+        self.slots = slots
+        self.timeout = timeout
+        self.max_queued = max_queued
+        self.queued = 0  # proof requests of this process uploading or waiting for a slot
+
+    @contextmanager
+    def admit(self):
+        """Count a proof request as queued for the `with` body; yields its Ticket.
+
+        Raises Busy (503, Retry-After: 1) when max_queued requests are queued already.
+        """
+        if self.queued >= self.max_queued:
+            raise Busy(f"{self.queued} proof requests already queued; retry later", retry_after=1)
+        self.queued += 1
+        ticket = Ticket(self)
+        try:
+            yield ticket
+        finally:
+            ticket.leave()
+
+    @contextmanager
+    def slot(self, ticket=None):
+        """Hold a proof slot for the `with` body.
+
+        With a `ticket` (a proof request) the wait is measured (queued gauge, queue
+        seconds) and the ticket leaves the queue once the slot is held. Raises Busy
+        after `timeout` seconds, ServiceUnavailable if the slot files cannot be made.
+        """
+        waited = time.monotonic()
+        try:
+            if ticket is None:
+                token = self.slots.take(self.timeout)
+            else:
+                with observability.QUEUED.track_inprogress():
+                    token = self.slots.take(self.timeout)
+        except SlotTimeout:
+            raise Busy(f"all proof slots busy for {self.timeout:g} s; retry later",
+                       retry_after=self.timeout) from None
+        except OSError as exc:
+            log.error("cannot take a proof slot in %s: %s", self.slots.lock_dir, exc)
+            raise ServiceUnavailable(f"cannot take a proof slot: {exc.strerror}") from None
+        try:
+            if ticket is not None:
+                ticket.leave()
+                observability.QUEUE_SECONDS.observe(time.monotonic() - waited)
+            yield
+        finally:
+            self.slots.release(token)
+
+
+class SlotTimeout(Exception):
+    """No proof slot became free in time."""
+
+
+class ProofSlots:
+    """At most `count` proofs at once across every process sharing `lock_dir`.
+
+    Each slot is a lock file held with flock(); the kernel releases it when its
+    holder exits, so a killed worker cannot leak a slot. Within a process waiters
+    line up first come, first served (only the oldest waiter polls the lock files,
+    every `poll` seconds), so a newcomer cannot overtake a request that has waited
+    longer; across worker processes the heads of the lines compete.
+    """
+
+    def __init__(self, lock_dir, count, poll=0.02):
+        self.lock_dir = lock_dir  # created on first use
+        self._line = deque()  # gevent Events of this process's waiters, oldest first
+        self._freed = Event()  # set by release(): the head of the line looks again at once
+        self.paths = [os.path.join(lock_dir, f"slot-{i}.lock") for i in range(count)]
+        self.poll = poll
+
+    def take(self, timeout):
+        """Wait up to `timeout` seconds for a free slot; return its token for release().
+
+        Raises SlotTimeout when none frees up in time.
+        """
+        deadline = time.monotonic() + timeout
+        turn = Event()
+        self._line.append(turn)
+        if self._line[0] is turn:
+            turn.set()
+        try:
+            if not turn.wait(timeout):
+                raise SlotTimeout(f"no proof slot free within {timeout:g} s")
+            return self._take(deadline, timeout)
+        finally:  # leave the line (served, timed out or killed); the next in line goes on
+            was_head = self._line[0] is turn
+            self._line.remove(turn)
+            if was_head and self._line:
+                self._line[0].set()
+
+    def _take(self, deadline, timeout):
+        while True:
+            for path in self.paths:
+                try:
+                    fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+                except FileNotFoundError:
+                    os.makedirs(self.lock_dir, exist_ok=True)
+                    fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+                try:
+                    fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                except BlockingIOError:
+                    os.close(fd)
+                    continue
+                return fd
+            if time.monotonic() >= deadline:
+                raise SlotTimeout(f"no proof slot free within {timeout:g} s")
+            self._freed.clear()
+            self._freed.wait(self.poll)  # a slot freed in this process wakes it; others are polled
+
+    def release(self, token):
+        """Free the slot that take() returned."""
+        os.close(token)  # closing the descriptor drops the flock
+        self._freed.set()
+
+    @contextmanager
+    def acquire(self, timeout):
+        """Hold a slot for the `with` body; raises SlotTimeout after `timeout` seconds."""
+        token = self.take(timeout)
+        try:
+            yield
+        finally:
+            self.release(token)

@@ -1,0 +1,141 @@
+"""admission.py: proof slots shared by processes (flock), first come first served within one."""
+import signal
+import subprocess
+import sys
+import time
+
+import gevent
+import pytest
+
+import admission
+from support import ROOT
+
+HOLDER = """\
+import sys, time
+sys.path.insert(0, {root!r})
+import admission
+lock_dir, count, timeout, hold, log = sys.argv[1:]
+slots = admission.ProofSlots(lock_dir, int(count))
+try:
+    with slots.acquire(float(timeout)):
+        start = time.time()
+        print("held", flush=True)
+        time.sleep(float(hold))
+        end = time.time()
+except admission.SlotTimeout:
+    print("timeout", flush=True)
+    sys.exit(3)
+with open(log, "a") as f:
+    f.write(f"{{start}} {{end}}\\n")
+"""
+
+
+@pytest.fixture
+def holder(tmp_path):
+    """holder(timeout, hold, count=1) -> a started process that holds a slot in tmp_path/slots."""
+    script = tmp_path / "holder.py"
+    script.write_text(HOLDER.format(root=ROOT))
+    procs = []
+
+    def start(timeout, hold, count=1):
+        proc = subprocess.Popen([sys.executable, str(script), str(tmp_path / "slots"), str(count),
+                                 str(timeout), str(hold), str(tmp_path / "held.log")],
+                                stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        procs.append(proc)
+        return proc
+
+    yield start
+    for proc in procs:
+        if proc.poll() is None:
+            proc.kill()
+        proc.communicate(timeout=10)
+
+
+def test_one_slot_is_held_by_one_process_at_a_time(holder, tmp_path):
+    procs = [holder(timeout=20, hold=0.3) for _ in range(3)]
+    for proc in procs:
+        proc.wait(timeout=30)
+    assert [p.returncode for p in procs] == [0, 0, 0]
+    spans = sorted(tuple(map(float, line.split())) for line in (tmp_path / "held.log").read_text().splitlines())
+    assert len(spans) == 3
+    for (_, end), (start, _) in zip(spans, spans[1:]):
+        assert start >= end, f"overlapping holders: {spans}"
+
+
+def test_a_held_slot_times_out_other_processes_and_is_freed_by_sigkill(holder, tmp_path):
+    first = holder(timeout=5, hold=300)
+    assert first.stdout.readline() == "held\n"
+    slots = admission.ProofSlots(str(tmp_path / "slots"), 1)
+    with pytest.raises(admission.SlotTimeout):
+        with slots.acquire(0.2):
+            pass
+    second = holder(timeout=0.2, hold=0)
+    assert second.wait(timeout=30) == 3
+
+    first.send_signal(signal.SIGKILL)
+    first.wait(timeout=10)
+    started = time.monotonic()
+    with slots.acquire(1):
+        assert time.monotonic() - started < 0.5
+
+
+def test_acquire_times_out_after_the_timeout(tmp_path):
+    slots = admission.ProofSlots(str(tmp_path / "slots"), 1)
+    with slots.acquire(1):
+        started = time.monotonic()
+        with pytest.raises(admission.SlotTimeout, match="0.3 s"):
+            with slots.acquire(0.3):
+                pytest.fail("got a held slot")
+        assert 0.3 <= time.monotonic() - started < 1.5
+
+
+def test_count_slots_are_shared_and_released_on_error(tmp_path):
+    slots = admission.ProofSlots(str(tmp_path / "slots"), 2)
+    other = admission.ProofSlots(str(tmp_path / "slots"), 2)  # e.g. another worker process
+    with slots.acquire(1), other.acquire(1):
+        with pytest.raises(admission.SlotTimeout):
+            with slots.acquire(0.1):
+                pass
+    with pytest.raises(ZeroDivisionError):
+        with slots.acquire(1), other.acquire(1):
+            1 / 0
+    with slots.acquire(0), other.acquire(0):
+        pass
+
+
+def test_a_waiting_greenlet_gets_the_slot_when_it_is_released(tmp_path):
+    slots = admission.ProofSlots(str(tmp_path / "slots"), 1)
+    order = []
+
+    def job(name, hold):
+        with slots.acquire(5):
+            order.append(f"{name} in")
+            gevent.sleep(hold)
+            order.append(f"{name} out")
+
+    first = gevent.spawn(job, "a", 0.2)
+    gevent.sleep(0.05)
+    second = gevent.spawn(job, "b", 0)
+    gevent.joinall([first, second], timeout=10, raise_error=True)
+    assert order == ["a in", "a out", "b in", "b out"]
+
+
+def test_slot_waiters_in_one_process_are_served_first_come_first_served(tmp_path):
+    slots = admission.ProofSlots(str(tmp_path / "slots"), 1, poll=0.01)
+    order = []
+
+    def client(name, hold):
+        token = slots.take(10)
+        order.append(name)
+        gevent.sleep(hold)
+        slots.release(token)
+
+    first = slots.take(1)
+    waiters = []
+    for name in "ABC":
+        waiters.append(gevent.spawn(client, name, 0.05))
+        gevent.sleep(0.02)  # A waits longest, then B, then C
+    slots.release(first)
+    waiters.append(gevent.spawn(client, "late", 0))  # arrives as the slot frees: must not overtake
+    gevent.joinall(waiters, timeout=10, raise_error=True)
+    assert order == ["A", "B", "C", "late"]
