@@ -416,7 +416,7 @@ def test_precompute_vk_fails_clearly_on_bad_config(tmp_path):
 
 
 def test_precompute_vk_fills_the_cache_the_server_reads(bb, crs_dir, tmp_path):
-    """The VKs land where bbrunner.Prover looks for them: the circuit's and CIRCUITS_DIR's."""
+    """The VKs land where bbrunner.Circuit looks for them: the circuit's and CIRCUITS_DIR's."""
     import bbrunner
     circuits = tmp_path / "circuits"
     circuits.mkdir()
@@ -428,7 +428,7 @@ def test_precompute_vk_fills_the_cache_the_server_reads(bb, crs_dir, tmp_path):
     proc = _precompute([], env)
     assert proc.returncode == 0, proc.stderr
     for circuit in (env["CIRCUIT_PATH"], str(circuits / "other.json")):
-        prover = bbrunner.Prover(bb, circuit, env["VK_CACHE_DIR"], crs_dir=crs_dir)
+        prover = bbrunner.Circuit(bbrunner.BB(bb, crs_dir=crs_dir), circuit, env["VK_CACHE_DIR"])
         assert os.path.exists(os.path.join(prover.vk_dir(), "vk")), f"no VK for {circuit} at {prover.vk_dir()}"
 
 
