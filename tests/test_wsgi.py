@@ -32,7 +32,7 @@ def app():
 
 # ---------------------------------------------------------------- stubs
 
-class StubProver:
+class StubCircuit:
     """Stands in for a bbrunner.Circuit and its BB: records calls, returns a proof or raises `error`."""
 
     verifier_target = None
@@ -157,7 +157,7 @@ def work_dir(tmp_path):
 
 @pytest.fixture
 def prover():
-    return StubProver()
+    return StubCircuit()
 
 
 @pytest.fixture
@@ -228,7 +228,7 @@ def test_health_reports_the_prover_status(worker):
 
 
 def test_health_is_503_when_bb_is_unavailable(app, work_dir):
-    stub = StubProver(available=False, detail="/x/bb: No such file or directory")
+    stub = StubCircuit(available=False, detail="/x/bb: No such file or directory")
     code, _, data = call(make_worker(app, stub, work_dir), "GET", "/api/health")
     body = json.loads(data)
     assert code == 503
@@ -269,7 +269,7 @@ def test_chunked_body_without_content_length_is_read_to_the_end(worker, prover, 
      "bb is not available: cannot run bb: No such file or directory"),
 ])
 def test_prover_errors_map_to_status_codes(app, work_dir, error, code, title, message):
-    stub = StubProver(error=error)
+    stub = StubCircuit(error=error)
     status, headers, body = prove(make_worker(app, stub, work_dir), fixture_bytes("valid_1.gz"))
     assert status == code
     assert body == {"error": title, "message": message}
@@ -304,7 +304,7 @@ def test_slot_timeout_retry_after_follows_the_queue_timeout(app, prover, work_di
 
 
 def test_unexpected_exception_is_a_generic_500(app, work_dir, caplog):
-    stub = StubProver(error=RuntimeError("secret detail /internal/path"))
+    stub = StubCircuit(error=RuntimeError("secret detail /internal/path"))
     code, headers, data = call(make_worker(app, stub, work_dir), "POST", "/api/prove",
                                fixture_bytes("valid_1.gz"))
     assert code == 500
@@ -317,7 +317,7 @@ def test_unexpected_exception_is_a_generic_500(app, work_dir, caplog):
 
 
 def test_gevent_timeout_is_not_swallowed(app, work_dir):
-    stub = StubProver(error=gevent.Timeout(1))
+    stub = StubCircuit(error=gevent.Timeout(1))
     with pytest.raises(gevent.Timeout):
         call(make_worker(app, stub, work_dir), "POST", "/api/prove", fixture_bytes("valid_1.gz"))
     assert os.listdir(work_dir) == []
