@@ -1,16 +1,20 @@
 // Cloudflare Worker in front of bb-worker containers: the same routes and timeouts
 // as the Rust worker's setup it replaces (Hono app under /api, CORS, 120 s for
-// proofs, 30 s for the rest), forwarding every /api/* request to a container.
+// proofs, 30 s for the rest), forwarding /api/* requests to a container, except
+// /api/metrics, which stays private. A proof or verification that gets a 503
+// (that instance's proof slots busy) is retried on another instance.
 //
 // The container is the image built from ../../Dockerfile (linux/amd64). It is
 // stateless: requests are spread over CONTAINER_INSTANCES instances (at most
 // max_instances in wrangler.jsonc); each proves MAX_CONCURRENT_PROOFS at once and
 // queues the rest for up to QUEUE_TIMEOUT_SECONDS (then answers 503 + Retry-After).
-import { Container, getRandom } from "@cloudflare/containers";
+import { Container, getContainer } from "@cloudflare/containers";
 import { Hono } from "hono";
 import type { Context } from "hono";
 import { cors } from "hono/cors";
 import { logger } from "hono/logger";
+
+import { forward } from "./forward";
 
 // ---------------------------------------------------------------- container settings
 // Passed to the container as environment variables (see the README's settings).
@@ -20,6 +24,8 @@ const MAX_CONCURRENT_PROOFS = 1; // bb processes per container (bb uses every co
 
 // Requests spread over this many container instances (<= max_instances in wrangler.jsonc).
 const CONTAINER_INSTANCES = 5;
+// A proof or verification answered 503 (busy) goes to another instance, up to this many in all.
+const BUSY_ATTEMPTS = 3;
 
 // ---------------------------------------------------------------- Worker timeouts
 // A proof may wait for a slot, then run: QUEUE + PROVE = 120 s, the Rust setup's
@@ -78,7 +84,11 @@ app.get("/", (c) =>
     runtime: "Python + Barretenberg CLI (bb-worker)",
     endpoints: {
       "POST /api/prove": "Generate a ZK proof from a gzipped witness",
-      "GET /api/health": "Health check",
+      "POST /api/verify": "Check a proof against the served verification key",
+      "GET /api/vk": "The verification key",
+      "GET /api/health": "Health check (readiness)",
+      "GET /api/live": "Liveness",
+      "GET /api/openapi.json": "OpenAPI 3.1 description of the container's API",
     },
   }),
 );
@@ -87,18 +97,24 @@ function isProveRoute(path: string): boolean {
   return path === "/api/prove" || path.startsWith("/api/prove/");
 }
 
-// Every other /api/* request goes to a container: /api/prove, /api/health and
-// whatever else the container serves (its 404 and 405 answers included).
+function isVerifyRoute(path: string): boolean {
+  return path === "/api/verify" || path.startsWith("/api/verify/");
+}
+
+// Metrics are for the operator's Prometheus, not the internet: scrape the
+// containers from inside, never through this Worker.
+app.all("/metrics", (c) => c.json({ error: "Not found", message: "the requested resource does not exist" }, 404));
+
+// Every other /api/* request goes to a container: /api/prove, /api/verify,
+// /api/health and whatever else the container serves (its 404 and 405 answers
+// included). Proofs and verifications try up to BUSY_ATTEMPTS instances.
 app.all("/*", async (c: Context<{ Bindings: Env }>) => {
   const path = new URL(c.req.url).pathname;
   const timeoutMs = isProveRoute(path) ? PROVE_ROUTE_TIMEOUT_MS : OTHER_ROUTE_TIMEOUT_MS;
-  let timer: ReturnType<typeof setTimeout> | undefined;
-  const expired = new Promise<"timeout">((resolve) => {
-    timer = setTimeout(() => resolve("timeout"), timeoutMs);
-  });
+  const attempts = isProveRoute(path) || isVerifyRoute(path) ? BUSY_ATTEMPTS : 1;
   try {
-    const container = await getRandom(c.env.BB_WORKER, CONTAINER_INSTANCES);
-    const answer = await Promise.race([container.fetch(c.req.raw), expired]);
+    const stubFor = (index: number) => getContainer(c.env.BB_WORKER, `instance-${index}`);
+    const answer = await forward(c.req.raw, stubFor, { instances: CONTAINER_INSTANCES, attempts, timeoutMs });
     if (answer === "timeout") {
       const title = isProveRoute(path) ? "Proof generation timed out" : "Gateway timeout";
       return c.json({ error: title, message: `no answer from the container within ${timeoutMs / 1000} s` }, 504);
@@ -109,8 +125,6 @@ app.all("/*", async (c: Context<{ Bindings: Env }>) => {
     console.error(`${c.req.method} ${path}: container unreachable: ${message}`);
     c.header("Retry-After", "5");
     return c.json({ error: "Service unavailable", message: `container unreachable: ${message}` }, 503);
-  } finally {
-    if (timer !== undefined) clearTimeout(timer);
   }
 });
 
