@@ -100,14 +100,22 @@ def test_ingress_routes_public_endpoints_to_the_service_and_hides_metrics():
 # ---------------------------------------------------------------- Cloudflare Worker
 
 @pytest.fixture(scope="module")
-def node_modules():
-    """deploy/cloudflare/node_modules from package-lock.json (`npm ci`; no install scripts needed)."""
+def worker_dir(tmp_path_factory):
+    """A copy of deploy/cloudflare with node_modules from package-lock.json (`npm ci`, no install
+    scripts needed); kept out of the repo so deploy/ holds only its own files."""
     npm = shutil.which("npm")
     assert npm, "npm is required (README: set-up needs Node.js and npm)"
+    work = tmp_path_factory.mktemp("cloudflare") / "worker"
+    shutil.copytree(CLOUDFLARE, work, ignore=shutil.ignore_patterns("node_modules"))
     proc = subprocess.run([npm, "ci", "--ignore-scripts", "--no-audit", "--no-fund", "--loglevel=error"],
-                          cwd=CLOUDFLARE, capture_output=True, text=True, timeout=600)
+                          cwd=work, capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stdout + proc.stderr
-    return os.path.join(CLOUDFLARE, "node_modules")
+    return work
+
+
+def tsc(worker_dir, *args):
+    return subprocess.run([os.path.join(worker_dir, "node_modules", ".bin", "tsc"), *args],
+                          cwd=worker_dir, capture_output=True, text=True, timeout=300)
 
 
 def test_worker_lockfile_pins_package_json():
@@ -120,17 +128,14 @@ def test_worker_lockfile_pins_package_json():
         assert lock["packages"][f"node_modules/{name}"]["version"] == version
 
 
-def test_worker_typechecks(node_modules):
-    proc = subprocess.run([os.path.join(node_modules, ".bin", "tsc"), "--noEmit", "-p", "tsconfig.json"],
-                          cwd=CLOUDFLARE, capture_output=True, text=True, timeout=300)
+def test_worker_typechecks(worker_dir):
+    proc = tsc(worker_dir, "--noEmit", "-p", "tsconfig.json")
     assert proc.returncode == 0, proc.stdout + proc.stderr
 
 
-def test_worker_retries_busy_instances(node_modules, tmp_path):
-    proc = subprocess.run([os.path.join(node_modules, ".bin", "tsc"), "--target", "es2022", "--module", "es2022",
-                           "--moduleResolution", "bundler", "--strict", "--outDir", str(tmp_path),
-                           os.path.join("src", "forward.ts")],
-                          cwd=CLOUDFLARE, capture_output=True, text=True, timeout=300)
+def test_worker_retries_busy_instances(worker_dir, tmp_path):
+    proc = tsc(worker_dir, "--target", "es2022", "--module", "es2022", "--moduleResolution", "bundler",
+               "--strict", "--outDir", str(tmp_path), os.path.join("src", "forward.ts"))
     assert proc.returncode == 0, proc.stdout + proc.stderr
     (tmp_path / "package.json").write_text('{"type": "module"}')
     proc = subprocess.run(["node", "--test", os.path.join(ROOT, "tests", "cloudflare", "forward.test.mjs")],
