@@ -12,7 +12,7 @@ RUN_CRS := $(CURDIR)/.crs
 endif
 endif
 
-.PHONY: setup run test bench bench-quick fixtures clean
+.PHONY: setup browser run test bench bench-quick fixtures clean
 
 $(VENV)/.installed: requirements.txt requirements-dev.txt
 	$(PYTHON) -m venv $(VENV)
@@ -30,7 +30,13 @@ else
 	$(VENV)/bin/gunicorn -c gunicorn.conf.py
 endif
 
-test: setup
+# The browser tests need Debian's chromium (CI runs as root on a fresh machine); if it
+# cannot be installed, `make test` fails rather than skipping them.
+browser:
+	@command -v chromium >/dev/null || { apt-get update -qq && \
+	  DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends chromium; }
+
+test: setup browser
 	$(PY) -m pytest $(PYTEST_ARGS)
 
 # Benchmark (bench/README.md): `make bench` is the full run (~20-30 min; needs Node.js + npm to
