@@ -1,0 +1,79 @@
+"""Bearer-token authentication (RFC 6750) for the proving endpoints.
+
+Tokens come from API_TOKENS (fixed at start) and API_TOKENS_FILE (one token per
+line, blank lines and `#` comments ignored), which is re-read whenever it changes,
+so tokens rotate without a restart. Tokens are compared in constant time (as
+SHA-256 digests, so not even their length leaks) and never logged.
+"""
+import hashlib
+import hmac
+import logging
+import os
+
+log = logging.getLogger("bb_worker")
+
+
+def _digest(token):
+    return hashlib.sha256(token.encode("utf-8", "surrogateescape")).digest()
+
+
+def parse_tokens(text):
+    """The tokens (list of str) in a comma- or newline-separated text; `#` starts a comment line."""
+    tokens = []
+    for line in text.splitlines():
+        if line.strip().startswith("#"):
+            continue
+        tokens += [t.strip() for t in line.split(",") if t.strip()]
+    return tokens
+
+
+class TokenAuth:
+    """Which bearer tokens are accepted: `tokens` (iterable of str) plus those in the file at `path`.
+
+    Enabled when either is given; an empty or unreadable file then accepts only
+    `tokens` (it fails closed). The file is re-read when its (inode, size, mtime)
+    changes; if it cannot be read, the last tokens read from it stay in force.
+    """
+
+    def __init__(self, tokens=(), path=None):
+        self.path = path
+        self.enabled = bool(path) or bool(list(tokens))
+        self._fixed = [_digest(t) for t in tokens]
+        self._from_file = []
+        self._stamp = None
+
+    def _file_digests(self):
+        if not self.path:
+            return []
+        try:
+            st = os.stat(self.path)
+            stamp = (st.st_ino, st.st_size, st.st_mtime_ns)
+            if stamp != self._stamp:
+                with open(self.path, encoding="utf-8", errors="surrogateescape") as f:
+                    self._from_file = [_digest(t) for t in parse_tokens(f.read())]
+                self._stamp = stamp
+                log.info("API_TOKENS_FILE: %d tokens loaded", len(self._from_file))
+        except OSError as exc:
+            if self._stamp != "error":
+                log.error("API_TOKENS_FILE %s cannot be read (%s): keeping the %d tokens read before",
+                          self.path, exc.strerror, len(self._from_file))
+            self._stamp = "error"
+        return self._from_file
+
+    def allows(self, authorization):
+        """True when the Authorization header value (str or None) carries an accepted bearer token.
+
+        Always True when authentication is not enabled. Every accepted token is
+        compared, whichever matches, so the time taken says nothing about which.
+        """
+        if not self.enabled:
+            return True
+        scheme, _, token = (authorization or "").strip().partition(" ")
+        token = token.strip()
+        if scheme.lower() != "bearer" or not token:
+            return False
+        candidate = _digest(token)
+        match = False
+        for known in self._fixed + self._file_digests():
+            match |= hmac.compare_digest(candidate, known)
+        return match
