@@ -87,6 +87,8 @@ COPY --from=build /src/circuit.json /app/circuit.json
 COPY --from=build /out/vk /app/vk
 # The app: gunicorn.conf.py and the modules it and app.py import (the top-level *.py files).
 COPY *.py /app/
+# The OpenAPI document app.py serves at /api/openapi.json.
+COPY openapi.json /app/
 USER 65532:65532
 EXPOSE 8080
 HEALTHCHECK --interval=30s --timeout=5s --start-period=20s \

@@ -1,5 +1,6 @@
 """Admission of proof requests: a bounded per-process queue, then a proof slot.
 
+VerifyLimit bounds verifications, which never take a proof slot.
 ProofQueue is what app.App holds: admit() counts a proof request from its first
 byte until it gets a slot (503 when MAX_QUEUED_REQUESTS are already queued), slot()
 waits for one of the ProofSlots shared by every worker process (503 after
@@ -13,6 +14,7 @@ from collections import deque
 from contextlib import contextmanager
 
 from gevent.event import Event
+from gevent.lock import BoundedSemaphore
 
 import observability
 from httperrors import ServiceUnavailable
@@ -95,6 +97,29 @@ class ProofQueue:
             yield
         finally:
             self.slots.release(token)
+
+
+class VerifyLimit:
+    """At most `count` verifications at once in this process, apart from the proof slots.
+
+    A request waits up to `wait` seconds for its turn, then gets Busy (503): bb
+    verify takes milliseconds, so a longer line means the worker is flooded.
+    """
+
+    def __init__(self, count, wait=1.0):
+        self.count = count
+        self.wait = wait
+        self._running = BoundedSemaphore(count)
+
+    @contextmanager
+    def slot(self):
+        """Hold one of the `count` places for the `with` body; raises Busy after `wait` seconds."""
+        if not self._running.acquire(timeout=self.wait):
+            raise Busy(f"all {self.count} verification slots busy; retry later", retry_after=1)
+        try:
+            yield
+        finally:
+            self._running.release()
 
 
 class SlotTimeout(Exception):

@@ -5,13 +5,18 @@ Drop-in for the Rust/Axum proving worker: same endpoints, same JSON.
     POST /api/prove[/<circuit>]  gzipped witness -> {"success": true, "proof": <base64>, "publicInputs": [...]}
                                  (or the raw proof when Accept prefers application/octet-stream)
     GET  /api/health             -> {"status", "architecture", "bb": {...}, "verifier_target", "timestamp"}
+    POST /api/verify[/<circuit>] {"proof": <base64>, "publicInputs": [...]} (or the raw proof with
+                                 X-Public-Inputs) -> {"valid": true|false}, by bb verify with the served VK
     GET  /api/vk[/<circuit>]     -> {"vk": <base64>, "vk_hash", "bb_version", "verifier_target", "circuit"}
     GET  /api/metrics            -> Prometheus text format
+    GET  /api/openapi.json       -> the OpenAPI 3.1 description of all this (openapi.json)
 
 Errors answer {"error": <title>, "message": <detail>} (httperrors.py). Serve it with
 gunicorn and the gevent worker (gunicorn.conf.py). Rooms: App routes and renders;
 admission.ProofQueue admits proof requests and hands out proof slots; health.Health
-says whether a proof can succeed; bbrunner runs bb; settings.py holds the config.
+says whether a proof can succeed; bbrunner runs bb; settings.py holds the config;
+auth.TokenAuth, cors.CorsPolicy and correlation (request ids, client addresses)
+deal with who is calling.
 """
 import base64
 import errno
@@ -29,17 +34,21 @@ from collections import namedtuple
 import gevent
 
 import bbrunner
+import correlation
 import observability
 import settings
-from admission import Busy, ProofQueue, ProofSlots
+from admission import Busy, ProofQueue, ProofSlots, VerifyLimit
+from auth import TokenAuth
+from cors import CorsPolicy
 from health import Health
 from httperrors import (BadRequest, HTTPError, MethodNotAllowed, NotFound, PayloadTooLarge, ProofFailed,
-                        ProofTimeout, RequestTimeout, ServiceUnavailable, status_line)
+                        ProofTimeout, RequestTimeout, ServiceUnavailable, Unauthorized, status_line)
 
 log = logging.getLogger("bb_worker")
 access_log = logging.getLogger("bb_worker.access")
 
 CHUNK_BYTES = 64 * 1024
+OPENAPI_PATH = os.path.join(settings.APP_DIR, "openapi.json")
 
 
 # ---------------------------------------------------------------- errors
@@ -129,6 +138,87 @@ class WitnessSink:
         self.file.close()
 
 
+class MemorySink:
+    """Collect a small request body in memory; PayloadTooLarge past `max_body` bytes."""
+
+    def __init__(self, max_body):
+        self.max_body = max_body
+        self.received = 0
+        self.parts = []
+
+    def write(self, chunk):
+        self.received += len(chunk)
+        if self.received > self.max_body:
+            raise PayloadTooLarge(f"request body exceeds {self.max_body} bytes")
+        self.parts.append(chunk)
+
+    def data(self):
+        return b"".join(self.parts)
+
+
+# ---------------------------------------------------------------- proofs to verify
+
+FIELD_BYTES = bbrunner.FIELD_BYTES
+BN254_SCALAR_MODULUS = 21888242871839275222246405745257275088548364400416034343698204186575808495617
+MAX_VERIFY_BODY_BYTES = 1024 * 1024  # an UltraHonk proof is 14,656 bytes (bb 5.0.0), ~20 KB as base64 JSON
+
+
+def field_bytes(text):
+    """One public input ("0x" + up to 64 hex digits, a BN254 scalar) -> 32 bytes big-endian; BadRequest otherwise."""
+    if not isinstance(text, str):
+        raise BadRequest("publicInputs must be strings like \"0x0a13...\"")
+    digits = text.strip()
+    if not digits.lower().startswith("0x") or not digits[2:] or any(c not in "0123456789abcdefABCDEF" for c in digits[2:]):
+        raise BadRequest(f"public input {text[:80]!r} is not 0x-hex")
+    if len(digits) > 2 + 2 * FIELD_BYTES:
+        raise BadRequest(f"public input {text[:80]!r} is longer than 32 bytes")
+    value = int(digits[2:], 16)
+    if value >= BN254_SCALAR_MODULUS:
+        raise BadRequest(f"public input {text[:80]!r} is not a BN254 field element (>= the modulus)")
+    return value.to_bytes(FIELD_BYTES, "big")
+
+
+def parse_verify_request(body, content_type, public_inputs_header):
+    """A POST /api/verify body -> (proof bytes, public inputs bytes in bb's public_inputs format).
+
+    JSON ({"proof": <base64>, "publicInputs": ["0x..", ...]}, when Content-Type is
+    application/json; /api/prove's "success" may come along) or the raw proof with X-Public-Inputs (comma-separated 0x-hex,
+    empty for none). Raises BadRequest for anything else.
+    """
+    if content_type.split(";")[0].strip().lower() == "application/json":
+        try:
+            request = json.loads(body)
+        except (ValueError, UnicodeDecodeError):
+            raise BadRequest("body is not JSON") from None
+        if not isinstance(request, dict):
+            raise BadRequest('body must be a JSON object {"proof": <base64>, "publicInputs": [...]}')
+        unknown = sorted(set(request) - {"proof", "publicInputs", "success"})  # /api/prove's reply as it is
+        if unknown:
+            raise BadRequest(f"unknown fields: {', '.join(unknown)}")
+        for name in ("proof", "publicInputs"):
+            if name not in request:
+                raise BadRequest(f"{name} is missing")
+        if not isinstance(request["proof"], str):
+            raise BadRequest("proof must be a base64 string")
+        try:
+            proof = base64.b64decode(request["proof"], validate=True)
+        except ValueError:
+            raise BadRequest("proof is not valid base64") from None
+        if not isinstance(request["publicInputs"], list):
+            raise BadRequest("publicInputs must be a list of 0x-hex strings")
+        inputs = request["publicInputs"]
+    else:
+        if public_inputs_header is None:
+            raise BadRequest("a raw proof needs its public inputs in X-Public-Inputs (comma-separated 0x-hex)")
+        proof = body
+        inputs = [item for item in public_inputs_header.split(",") if item.strip()]
+    if not proof:
+        raise BadRequest("proof is empty")
+    if len(proof) % FIELD_BYTES:
+        raise BadRequest(f"proof is {len(proof)} bytes, not a multiple of 32 (whole field elements)")
+    return proof, b"".join(field_bytes(item) for item in inputs)
+
+
 def read_body(environ, sink, idle_timeout):
     """Copy the request body into `sink` in chunks; each read may wait `idle_timeout` seconds."""
     length = environ.get("CONTENT_LENGTH") or ""
@@ -206,12 +296,13 @@ def printable(text):
     return json.dumps(text)[1:-1]
 
 
-Limits = namedtuple("Limits", "max_body_bytes max_witness_bytes upload_timeout")
-Limits.__doc__ = """Per-request upload limits: body bytes (compressed), witness bytes
-(decompressed), seconds each body read may wait."""
+Limits = namedtuple("Limits", "max_body_bytes max_witness_bytes upload_timeout verify_timeout",
+                    defaults=(10.0,))
+Limits.__doc__ = """Per-request limits: body bytes (compressed), witness bytes (decompressed),
+seconds each body read may wait, seconds one bb verify may run."""
 
 DEFAULT = "default"  # the circuit at /api/prove and /api/vk (CIRCUIT_PATH); also its metrics label
-CIRCUIT_PREFIXES = ("/api/prove/", "/api/vk/")
+CIRCUIT_PREFIXES = ("/api/prove/", "/api/verify/", "/api/vk/")
 
 
 class App:
@@ -224,9 +315,15 @@ class App:
     the proof format when Accept does not choose.
     """
 
-    def __init__(self, circuits, queue, work_dir, limits, response_format="json"):
+    def __init__(self, circuits, queue, work_dir, limits, response_format="json", verify_limit=None,
+                 auth=None, cors=None, trusted_proxies="127.0.0.1,::1", openapi=b"{}"):
         self.circuits = dict(circuits)
         self.queue = queue
+        self.verify_limit = verify_limit or VerifyLimit(2)
+        self.auth = auth or TokenAuth()
+        self.cors = cors or CorsPolicy(None)
+        self.trusted_proxies = correlation.TrustedProxies(trusted_proxies)
+        self.openapi = openapi
         self.health = Health(self.circuits[DEFAULT].bb)
         self.work_dir = work_dir
         self.limits = limits
@@ -236,37 +333,52 @@ class App:
         self.routes = {
             ("GET", "/api/health"): (self.get_health, ()),
             ("GET", "/api/metrics"): (self.metrics, ()),
+            ("GET", "/api/openapi.json"): (self.get_openapi, ()),
             ("GET", "/api/vk"): (self.vk, (DEFAULT,)),
             ("POST", "/api/prove"): (self.prove, (DEFAULT,)),
+            ("POST", "/api/verify"): (self.verify, (DEFAULT,)),
         }
         self.endpoints = sorted({p for _, p in self.routes})
         for name in self.named:
             self.routes[("GET", f"/api/vk/{name}")] = (self.vk, (name,))
             self.routes[("POST", f"/api/prove/{name}")] = (self.prove, (name,))
+            self.routes[("POST", f"/api/verify/{name}")] = (self.verify, (name,))
         if self.named:
-            self.endpoints += ["/api/prove/<circuit>", "/api/vk/<circuit>"]
+            self.endpoints += ["/api/prove/<circuit>", "/api/verify/<circuit>", "/api/vk/<circuit>"]
+        # Handlers anyone may call; every other route needs a token when tokens are set.
+        self.public = {self.get_health, self.get_openapi}
 
     # -- WSGI
 
     def __call__(self, environ, start_response):
         started = time.monotonic()
-        request_id = str(uuid.uuid4())
+        request_id = correlation.request_id(environ)
         environ["bb_worker.request_id"] = request_id
         method = environ.get("REQUEST_METHOD", "GET")
         path = environ.get("PATH_INFO", "") or "/"
         reply = self.dispatch(environ)
-        headers = [("Content-Length", str(len(reply.body))), ("X-Request-Id", request_id)] + reply.headers
+        headers = [("X-Request-Id", request_id)] + reply.headers
+        if reply.status not in (204, 304):  # RFC 9110 8.6: no Content-Length on these
+            headers.insert(0, ("Content-Length", str(len(reply.body))))
+        if not any(name == "Access-Control-Allow-Origin" for name, _ in reply.headers):
+            headers += self.cors.reply_headers(environ)
         if reply.content_type:
             headers.insert(0, ("Content-Type", reply.content_type))
         start_response(status_line(reply.status), headers)
-        self.log_access(environ, request_id, method, path, reply, started)
+        self.log_access(environ, request_id, method, path, reply, started,
+                        correlation.client_address(environ, self.trusted_proxies))
         return [b""] if method == "HEAD" else [reply.body]
 
     def dispatch(self, environ):
         """Route one request and run its handler; return its Reply (errors rendered as JSON)."""
         request_id = environ["bb_worker.request_id"]
+        method, path = environ.get("REQUEST_METHOD", "GET"), environ.get("PATH_INFO", "") or "/"
         try:
-            handler, args = self.match(environ.get("REQUEST_METHOD", "GET"), environ.get("PATH_INFO", "") or "/")
+            if self.cors.is_preflight(method, environ):
+                return self.preflight(environ, path)
+            handler, args = self.match(method, path)
+            if handler not in self.public:
+                self.authenticate(environ)
             return handler(environ, request_id, *args)
         except HTTPError as exc:
             payload = {"error": exc.title, "message": exc.message}
@@ -281,16 +393,39 @@ class App:
             return json_reply(500, {"error": HTTPError.title, "message": "unexpected server error"})
 
     @staticmethod
-    def log_access(environ, request_id, method, path, reply, started):
-        """One access line per request, with the fields as `extra` for LOG_FORMAT=json."""
+    def log_access(environ, request_id, method, path, reply, started, client):
+        """One access line per request, with the fields as `extra` for LOG_FORMAT=json.
+
+        client: the client's address (correlation.client_address). Never logs
+        Authorization or other headers, only the user agent (at most 256 characters).
+        """
         fields = {"request_id": request_id, "method": method, "path": path, "status": reply.status,
                   "bytes_in": environ.get("bb_worker.bytes_in", 0), "bytes_out": len(reply.body),
                   "duration_ms": round((time.monotonic() - started) * 1000, 1),
-                  "bb_exit_code": environ.get("bb_worker.bb_exit_code")}
-        access_log.info("%s %s %s %d in=%d out=%d ms=%.1f bb=%s", request_id, method, printable(path),
-                        reply.status,
+                  "bb_exit_code": environ.get("bb_worker.bb_exit_code"), "client": client,
+                  "user_agent": environ.get("HTTP_USER_AGENT", "")[:256]}
+        access_log.info('%s %s %s %d in=%d out=%d ms=%.1f bb=%s client=%s ua="%s"', request_id, method,
+                        printable(path), reply.status,
                         fields["bytes_in"], fields["bytes_out"], fields["duration_ms"],
-                        "-" if fields["bb_exit_code"] is None else fields["bb_exit_code"], extra=fields)
+                        "-" if fields["bb_exit_code"] is None else fields["bb_exit_code"],
+                        printable(client), printable(fields["user_agent"]), extra=fields)
+
+    def authenticate(self, environ):
+        """Raise Unauthorized (401) unless the request carries an accepted bearer token (when tokens are set)."""
+        header = environ.get("HTTP_AUTHORIZATION")
+        if not self.auth.allows(header):
+            if header:
+                raise Unauthorized("the bearer token is not accepted", invalid=True)
+            raise Unauthorized("this endpoint needs Authorization: Bearer <token>")
+
+    def preflight(self, environ, path):
+        """The 204 answering a CORS preflight for `path` (404 for a path the server does not have)."""
+        allowed = {m for m, p in self.routes if p == path}
+        if not allowed:
+            raise NotFound(f"no endpoint at {path}")
+        if "GET" in allowed:
+            allowed.add("HEAD")
+        return Reply(204, b"", None, self.cors.preflight(environ, allowed))
 
     def match(self, method, path):
         """Return (handler, args) for (method, path): a lookup, a 405 scan, else 404."""
@@ -311,6 +446,11 @@ class App:
     def get_health(self, environ, request_id):
         ready, payload = self.health.check()
         return json_reply(200 if ready else 503, payload)
+
+    # -- GET /api/openapi.json
+
+    def get_openapi(self, environ, request_id):
+        return Reply(200, self.openapi, "application/json", [("Cache-Control", "no-cache")])
 
     # -- GET /api/metrics
 
@@ -351,8 +491,9 @@ class App:
         max_body = self.limits.max_body_bytes
         if length.isdigit() and int(length) > max_body:
             raise PayloadTooLarge(f"request body is {length} bytes; the limit is {max_body}")
-        witness = os.path.join(self.work_dir, f"{request_id}.witness.gz")
-        outdir = os.path.join(self.work_dir, f"{request_id}.out")
+        files = uuid.uuid4().hex  # never the request id: clients choose that
+        witness = os.path.join(self.work_dir, f"{files}.witness.gz")
+        outdir = os.path.join(self.work_dir, f"{files}.out")
         watcher = None
         try:
             with self.queue.admit() as ticket:
@@ -377,6 +518,52 @@ class App:
                          [("X-Public-Inputs", ",".join(result.public_inputs))])
         return json_reply(200, {"success": True, "proof": base64.b64encode(result.proof).decode(),
                                 "publicInputs": result.public_inputs})
+
+    # -- POST /api/verify[/<circuit>]
+
+    def verify(self, environ, request_id, name):
+        """bb verify a proof with circuit `name`'s VK: {"valid": bool}. Never takes a proof slot."""
+        sink = MemorySink(MAX_VERIFY_BODY_BYTES)
+        length = environ.get("CONTENT_LENGTH") or ""
+        if length.isdigit() and int(length) > MAX_VERIFY_BODY_BYTES:
+            raise PayloadTooLarge(f"request body is {length} bytes; the limit is {MAX_VERIFY_BODY_BYTES}")
+        read_body(environ, sink, self.limits.upload_timeout)
+        environ["bb_worker.bytes_in"] = sink.received
+        proof, public_inputs = parse_verify_request(sink.data(), environ.get("CONTENT_TYPE", ""),
+                                                    environ.get("HTTP_X_PUBLIC_INPUTS"))
+        circuit = self.circuits[name]
+        workdir = os.path.join(self.work_dir, f"verify-{uuid.uuid4().hex}")
+        try:
+            with self.verify_limit.slot():
+                if not circuit.vk_cached():  # only after the cache was cleaned: computed at start
+                    with self.queue.slot():
+                        circuit.ensure_vk()
+                try:
+                    os.makedirs(self.work_dir, mode=0o700, exist_ok=True)
+                    os.mkdir(workdir, 0o700)
+                    for file_name, data in (("proof", proof), ("public_inputs", public_inputs)):
+                        with open(os.open(os.path.join(workdir, file_name),
+                                          os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600), "wb") as f:
+                            f.write(data)
+                except OSError as exc:
+                    log.error("request %s: cannot write to %s: %s", request_id, self.work_dir, exc)
+                    raise ServiceUnavailable(f"temp dir is not writable: {exc.strerror}") from None
+                valid = circuit.verify(os.path.join(workdir, "proof"), os.path.join(workdir, "public_inputs"),
+                                       timeout=self.limits.verify_timeout)
+        except Busy:
+            observability.VERIFICATIONS.labels(name, "busy").inc()
+            raise
+        except bbrunner.ProverError as exc:
+            environ["bb_worker.bb_exit_code"] = exc.returncode
+            error, outcome = prover_error(exc)
+            observability.VERIFICATIONS.labels(name, outcome).inc()
+            log.warning("request %s: verify: %s: %s", request_id, type(exc).__name__, exc)
+            raise error from None
+        finally:
+            remove(workdir)
+        environ["bb_worker.bb_exit_code"] = 0 if valid else 1
+        observability.VERIFICATIONS.labels(name, "valid" if valid else "invalid").inc()
+        return json_reply(200, {"valid": valid})
 
     def receive(self, environ, request_id, witness, outdir):
         """Stream the body to `witness`, checked as gzip; create `outdir` for bb."""
@@ -454,8 +641,15 @@ def create_app():
     circuits = {name: bbrunner.Circuit(bb, path, settings.VK_CACHE_DIR) for name, path in settings.CIRCUITS.items()}
     queue = ProofQueue(ProofSlots(settings.SLOTS_DIR, settings.MAX_CONCURRENT_PROOFS),
                        settings.QUEUE_TIMEOUT_SECONDS, settings.MAX_QUEUED_REQUESTS)
-    limits = Limits(settings.MAX_BODY_BYTES, settings.MAX_WITNESS_BYTES, settings.UPLOAD_TIMEOUT_SECONDS)
-    return App(circuits, queue, settings.WORK_DIR, limits, settings.PROOF_RESPONSE_FORMAT)
+    limits = Limits(settings.MAX_BODY_BYTES, settings.MAX_WITNESS_BYTES, settings.UPLOAD_TIMEOUT_SECONDS,
+                    settings.VERIFY_TIMEOUT_SECONDS)
+    with open(OPENAPI_PATH, "rb") as f:
+        openapi = f.read()
+    return App(circuits, queue, settings.WORK_DIR, limits, settings.PROOF_RESPONSE_FORMAT,
+               verify_limit=VerifyLimit(settings.VERIFY_CONCURRENCY),
+               auth=TokenAuth(settings.API_TOKENS, settings.API_TOKENS_FILE),
+               cors=CorsPolicy(settings.CORS_ALLOW_ORIGINS), trusted_proxies=settings.FORWARDED_ALLOW_IPS,
+               openapi=openapi)
 
 
 application = create_app()

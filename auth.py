@@ -18,7 +18,7 @@ def _digest(token):
 
 
 def parse_tokens(text):
-    """The tokens (list of str) in a comma- or newline-separated text; `#` starts a comment line."""
+    """The tokens (list of str) in API_TOKENS_FILE's text: one per line (commas also separate), `#` lines skipped."""
     tokens = []
     for line in text.splitlines():
         if line.strip().startswith("#"):

@@ -303,9 +303,10 @@ class BB:
             argv += ["-c", self.crs_dir]
         return argv
 
-    def run(self, command, *args):
-        """Run `bb command *args` (see argv()) with this BB's timeout; return (returncode, stdout, stderr)."""
-        return run(self.argv(command, *args), self.timeout)
+    def run(self, command, *args, timeout=None):
+        """Run `bb command *args` (see argv()) within `timeout` seconds (default: this BB's);
+        return (returncode, stdout, stderr)."""
+        return run(self.argv(command, *args), timeout or self.timeout)
 
 
 # ---------------------------------------------------------------- one circuit
@@ -430,6 +431,46 @@ class Circuit:
         if UNSATISFIED_MARKER.encode() in err:
             raise ProverFailed(code, "the witness does not satisfy the circuit's constraints")
         return read_proof(workdir, code)
+
+    # -- verifying
+
+    def verify(self, proof_path, public_inputs_path, timeout=None):
+        """`bb verify` a proof with this circuit's VK: True if bb accepts it, False if it rejects it.
+
+        proof_path: an UltraHonk proof as `bb prove` writes it (whole 32-byte field
+        elements). public_inputs_path: 32-byte big-endian field elements, bb's
+        `public_inputs` format. timeout: seconds (default: the BB's). Raises
+        ProverTimeout, ProverUnavailable, or ProverCrashed when bb fails for a reason
+        other than the proof (verify_verdict).
+        """
+        vk = self.ensure_vk()
+        code, _, err = self.bb.run("verify", "-k", vk, "-p", proof_path, "-i", public_inputs_path, timeout=timeout)
+        return verify_verdict(code, err)
+
+
+# bb 5 `bb verify` exits 1 both when it rejects a proof and when it cannot run (a missing
+# CRS it fails to download, an unreadable or wrong-size VK). Only these stderr lines,
+# about the proof or its public inputs, make a 1 a rejection; anything else is ours.
+VERIFY_REJECTIONS = (b"Proof verification failed", b"verification failed at", b"invalid proof size",
+                     b"Non-canonical public input", b"num_public_inputs mismatch",
+                     b"proof file size must be a multiple", b"public inputs file size must be a multiple")
+VERIFY_FAULTS = (b"VK size", b"Unable to open file", b"HTTP request failed", b"crs", b"CRS")
+
+
+def verify_verdict(returncode, stderr):
+    """True/False for `bb verify`'s exit status and stderr (bytes): accepted or rejected proof.
+
+    Raises ProverCrashed when bb did not judge the proof (a signal, a server-side
+    failure such as the CRS or VK; see VERIFY_REJECTIONS).
+    """
+    if returncode == 0:
+        return True
+    if returncode == 1 and any(m in stderr for m in VERIFY_REJECTIONS) and \
+            not any(m in stderr for m in VERIFY_FAULTS):
+        return False
+    if returncode < 0:
+        raise ProverCrashed(returncode, f"bb verify was killed by signal {-returncode}")
+    raise ProverCrashed(returncode, f"bb verify failed: {failure_reason(stderr)}")
 
 
 def read_proof(workdir, returncode=0):

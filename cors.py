@@ -1,34 +1,14 @@
 """Cross-origin resource sharing (the Fetch standard's CORS protocol) for browser clients.
 
-CORS_ALLOW_ORIGINS is `*` or a list of origins (`scheme://host[:port]`). Preflight
+CORS_ALLOW_ORIGINS (settings.parse_origins) is `*` or a set of origins. Preflight
 requests (OPTIONS with Origin and Access-Control-Request-Method) are answered 204
 with the methods of that path and the request headers a client may send; actual
 replies carry the origin and expose the headers a client reads.
 """
-import re
-
 ALLOW_HEADERS = ("Content-Type", "Authorization", "Accept", "If-None-Match", "X-Public-Inputs",
                  "X-Request-Id", "traceparent")
 EXPOSE_HEADERS = ("X-Public-Inputs", "X-Request-Id", "Retry-After", "ETag", "WWW-Authenticate")
 MAX_AGE_SECONDS = 86400  # browsers cap it lower (Chromium: 2 h)
-_ORIGIN = re.compile(r"(https?)://([a-z0-9.-]+|\[[0-9a-f:.]+\])(:\d{1,5})?", re.I)
-
-
-def parse_origins(text):
-    """CORS_ALLOW_ORIGINS -> None (off), "*" or a frozenset of lower-case origins.
-
-    Raises ValueError naming the first entry that is not an origin (`scheme://host[:port]`,
-    no path or trailing slash).
-    """
-    entries = [e for e in re.split(r"[\s,]+", text.strip()) if e]
-    if not entries:
-        return None
-    if entries == ["*"]:
-        return "*"
-    for entry in entries:
-        if not _ORIGIN.fullmatch(entry):
-            raise ValueError(f"{entry!r} is not an origin like https://app.example.com (or use *)")
-    return frozenset(e.lower() for e in entries)
 
 
 class CorsPolicy:

@@ -34,7 +34,8 @@ control_socket_disable = True  # no runtime control socket: nothing to manage, l
 # plus a full proof. An orchestrator's stop grace period must exceed it.
 timeout = 30
 graceful_timeout = int(settings.QUEUE_TIMEOUT_SECONDS + settings.PROVE_TIMEOUT_SECONDS) + 10
-keepalive = 5
+keepalive = settings.KEEPALIVE_SECONDS  # above load balancers' idle timeouts (settings.py)
+forwarded_allow_ips = settings.FORWARDED_ALLOW_IPS  # whose X-Forwarded-For the access log believes
 
 # ---------------------------------------------------------------- logging
 # app.py writes one access line per request (id, status, bytes in, ms) to the

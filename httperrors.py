@@ -1,6 +1,6 @@
 """HTTP errors answered as {"error": <title>, "message": <detail>}: one class per status.
 
-Each error carries the headers its status needs (Allow, Retry-After), as
+Each error carries the headers its status needs (Allow, Retry-After, WWW-Authenticate), as
 werkzeug's exceptions do, so callers never assemble header lists.
 """
 from http import HTTPStatus
@@ -24,6 +24,15 @@ class HTTPError(Exception):
 
 class BadRequest(HTTPError):
     code, title = 400, "Bad request"
+
+
+class Unauthorized(HTTPError):
+    """401 with the RFC 6750 challenge; `invalid`: a token was sent and refused."""
+    code, title = 401, "Unauthorized"
+
+    def __init__(self, message, invalid=False):
+        challenge = 'Bearer realm="bb-worker"' + (', error="invalid_token"' if invalid else "")
+        super().__init__(message, [("WWW-Authenticate", challenge)])
 
 
 class NotFound(HTTPError):

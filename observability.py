@@ -16,6 +16,8 @@ MULTIPROCESS = bool(os.environ.get("PROMETHEUS_MULTIPROC_DIR"))
 PROOFS = Counter("bb_worker_proofs_total", "Proof requests by circuit and outcome "
                  "(success, rejected, timeout, crashed, unavailable, busy, client_gone).",
                  ["circuit", "outcome"])
+VERIFICATIONS = Counter("bb_worker_verifications_total", "POST /api/verify requests by circuit and outcome "
+                        "(valid, invalid, busy, timeout, crashed, unavailable).", ["circuit", "outcome"])
 PROVE_SECONDS = Histogram("bb_worker_prove_duration_seconds", "Wall time of one `bb prove` run, seconds.",
                           ["circuit"], buckets=(0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300))
 QUEUE_SECONDS = Histogram("bb_worker_queue_wait_seconds", "Time a request waited for a proof slot, seconds.",

@@ -5,6 +5,7 @@ stops at start-up instead of failing on the first request. gunicorn.conf.py,
 app.py, scripts/precompute_vk.py and the tests read the constants below.
 (PROMETHEUS_MULTIPROC_DIR is prometheus_client's own: gunicorn.conf.py sets it.)
 """
+import ipaddress
 import logging
 import os
 import re
@@ -81,6 +82,58 @@ def _writable_directory(name, default):
     return path
 
 
+def _readable_file(name):
+    path = _raw(name, None)
+    if path is None:
+        return None
+    path = os.path.abspath(path)
+    try:
+        with open(path, "rb"):
+            pass
+    except OSError as exc:
+        raise ConfigError(f"{name}={path!r}: {exc.strerror}") from None
+    return path
+
+
+_ORIGIN = re.compile(r"(https?)://([a-z0-9.-]+|\[[0-9a-f:.]+\])(:\d{1,5})?", re.I)
+
+
+def parse_origins(text):
+    """CORS_ALLOW_ORIGINS text -> None (CORS off), "*" or a frozenset of lower-case origins.
+
+    Raises ValueError naming the first entry that is not an origin (`scheme://host[:port]`,
+    no path or trailing slash).
+    """
+    entries = [e for e in re.split(r"[\s,]+", text.strip()) if e]
+    if not entries:
+        return None
+    if entries == ["*"]:
+        return "*"
+    for entry in entries:
+        if not _ORIGIN.fullmatch(entry):
+            raise ValueError(f"{entry!r} is not an origin like https://app.example.com (or use * alone)")
+    return frozenset(e.lower() for e in entries)
+
+
+def _origins(name):
+    raw = _raw(name, "")
+    try:
+        return parse_origins(raw)
+    except ValueError as exc:
+        raise ConfigError(f"{name}: {exc}") from None
+
+
+def _networks(name, default):
+    raw = _raw(name, default)
+    for item in (i.strip() for i in raw.split(",")):
+        try:
+            if item != "*":
+                ipaddress.ip_network(item, strict=False)
+        except ValueError:
+            raise ConfigError(f"{name}: {item!r} is not an IP address or network (or *)") from None
+    return raw
+
+
 def _directory(name, default):
     path = _raw(name, default)
     if path is None:
@@ -94,6 +147,19 @@ def _directory(name, default):
 # ---------------------------------------------------------------- server
 PORT = _int("PORT", 8080, 1, 65535)
 WEB_CONCURRENCY = _int("WEB_CONCURRENCY", 1, 1, 64)
+
+# Seconds an idle keep-alive connection stays open: above the 60 s idle timeout of common
+# load balancers (AWS ALB, GCP, nginx upstream pools), so the server never closes a
+# connection just as the load balancer reuses it (a random 502).
+KEEPALIVE_SECONDS = _int("KEEPALIVE_SECONDS", 75, 1, 3600)
+# gunicorn's own variable: proxies whose X-Forwarded-For names the client (access log).
+FORWARDED_ALLOW_IPS = _networks("FORWARDED_ALLOW_IPS", "127.0.0.1,::1")
+
+# ---------------------------------------------------------------- clients: tokens, CORS
+# Bearer tokens for /api/prove, /api/verify, /api/vk and /api/metrics (auth.py); none: open.
+API_TOKENS = tuple(t.strip() for t in _raw("API_TOKENS", "").split(",") if t.strip())
+API_TOKENS_FILE = _readable_file("API_TOKENS_FILE")  # one per line, re-read when it changes
+CORS_ALLOW_ORIGINS = _origins("CORS_ALLOW_ORIGINS")  # None, "*" or a set of origins
 
 # ---------------------------------------------------------------- bb and the circuit
 CIRCUIT_PATH = _circuit("CIRCUIT_PATH", os.path.join(APP_DIR, "circuit.json"))
@@ -150,6 +216,10 @@ MAX_CONCURRENT_PROOFS = _int("MAX_CONCURRENT_PROOFS", 1, 1, 1024)
 MAX_QUEUED_REQUESTS = _int("MAX_QUEUED_REQUESTS", 16, 1, 100000)
 QUEUE_TIMEOUT_SECONDS = _seconds("QUEUE_TIMEOUT_SECONDS", 30)
 UPLOAD_TIMEOUT_SECONDS = _seconds("UPLOAD_TIMEOUT_SECONDS", 30)
+# POST /api/verify: bb verify runs at once per worker process (never a proof slot), and
+# the deadline of one run (it takes ~10 ms for the demo circuit).
+VERIFY_CONCURRENCY = _int("VERIFY_CONCURRENCY", 2, 1, 64)
+VERIFY_TIMEOUT_SECONDS = _seconds("VERIFY_TIMEOUT_SECONDS", 10)
 
 # ---------------------------------------------------------------- what the server serves
 # bbrunner.BB's keyword arguments: BB(**BB_OPTIONS), one shared by every circuit.

@@ -82,7 +82,8 @@ def test_unknown_path_is_404_listing_endpoints(server):
     status, _, body = request_json(server.port, "GET", "/nope")
     assert status == 404
     assert body["error"] == "Not found"
-    assert body["available_endpoints"] == ["/api/health", "/api/metrics", "/api/prove", "/api/vk"]
+    assert body["available_endpoints"] == ["/api/health", "/api/metrics", "/api/openapi.json", "/api/prove",
+                                           "/api/verify", "/api/vk"]
 
 
 @pytest.mark.parametrize("method, path, allow", [
@@ -126,7 +127,8 @@ def test_access_log_line_per_request(server):
             break
         time.sleep(0.1)
     assert len(lines) == 1
-    assert re.search(rf"{rid} POST /api/prove 200 in={size} out=\d+ ms=\d+\.\d bb=0$", lines[0])
+    assert re.search(rf'{rid} POST /api/prove 200 in={size} out=\d+ ms=\d+\.\d bb=0 client=127.0.0.1 ua=""$',
+                     lines[0]), lines[0]
 
 
 def test_chunked_upload_is_proved(server, verify):

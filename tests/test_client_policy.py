@@ -9,7 +9,8 @@ import pytest
 
 from auth import TokenAuth, parse_tokens
 from correlation import TrustedProxies, client_address, request_id, trace_id
-from cors import CorsPolicy, parse_origins
+from cors import CorsPolicy
+from settings import parse_origins
 
 
 # ---------------------------------------------------------------- auth
