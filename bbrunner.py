@@ -452,8 +452,9 @@ class Circuit:
 # CRS it fails to download, an unreadable or wrong-size VK). Only these stderr lines,
 # about the proof or its public inputs, make a 1 a rejection; anything else is ours.
 VERIFY_REJECTIONS = (b"Proof verification failed", b"verification failed at", b"invalid proof size",
-                     b"Non-canonical public input", b"num_public_inputs mismatch",
-                     b"proof file size must be a multiple", b"public inputs file size must be a multiple")
+                     b"Non-canonical", b"num_public_inputs mismatch",
+                     b"proof file size must be a multiple", b"public inputs file size must be a multiple",
+                     b"bad proof serde", b"not on the curve")  # proof fields out of range, bad points
 VERIFY_FAULTS = (b"VK size", b"Unable to open file", b"HTTP request failed", b"crs", b"CRS")
 
 

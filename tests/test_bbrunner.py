@@ -487,3 +487,31 @@ def test_unwritable_vk_cache_is_a_clear_prover_unavailable(bb, tmp_path):
     prover = bbrunner.Circuit(bbrunner.BB(bb), CIRCUIT, str(cache))
     with pytest.raises(bbrunner.ProverUnavailable, match="set VK_CACHE_DIR"):
         prover.ensure_vk()
+
+
+# ---------------------------------------------------------------- verify
+
+def test_circuit_verify_tells_rejected_proofs_from_server_faults(bb, crs_dir, tmp_path):
+    """bb verify exits 1 for both; only a rejection of the proof is False, the rest is ProverCrashed (5xx)."""
+    circuit = bbrunner.Circuit(bbrunner.BB(bb, crs_dir=crs_dir, timeout=60), CIRCUIT, str(tmp_path / "vk"))
+    out = tmp_path / "out"
+    out.mkdir()
+    circuit.prove(os.path.join(FIXTURES, "valid_1.gz"), str(out))
+    proof, inputs = str(out / "proof"), str(out / "public_inputs")
+    assert circuit.verify(proof, inputs, timeout=30) is True
+    flipped = bytearray((out / "proof").read_bytes())
+    flipped[300] ^= 1
+    (tmp_path / "flipped").write_bytes(bytes(flipped))
+    assert circuit.verify(str(tmp_path / "flipped"), inputs) is False
+    (tmp_path / "short").write_bytes(bytes(flipped[:64]))
+    assert circuit.verify(str(tmp_path / "short"), inputs) is False
+    vk = circuit.ensure_vk()
+    with open(vk, "r+b") as f:
+        f.truncate(1000)  # a damaged VK cache: ours, not the client's
+    with pytest.raises(bbrunner.ProverCrashed, match="VK size"):
+        circuit.verify(proof, inputs)
+    os.unlink(vk)
+    with pytest.raises(bbrunner.ProverError):
+        bbrunner.verify_verdict(*circuit.bb.run("verify", "-k", vk, "-p", proof, "-i", inputs)[::2])
+    with pytest.raises(bbrunner.ProverCrashed, match="signal"):
+        bbrunner.verify_verdict(-9, b"")

@@ -163,6 +163,13 @@ def test_verify_answers_invalid_for_tampered_proofs(server, proved):
                               (proof + proof, public_inputs), (proof, public_inputs * 2), (proof, [])):
         status, _, body = verify_json(server.port, candidate, inputs)
         assert (status, body) == (200, {"valid": False}), (len(candidate), inputs)
+    # Damaged fields, every 19th: out of range, points off the curve, or just wrong (bb words each its own way).
+    for field in range(0, len(proof) // 32, 19):
+        for byte, mask in ((0, 0x80), (0, 0x20), (31, 0x01)):
+            damaged = bytearray(proof)
+            damaged[field * 32 + byte] ^= mask
+            status, _, body = verify_json(server.port, bytes(damaged), public_inputs)
+            assert (status, body) == (200, {"valid": False}), (field, byte, mask, body)
     assert server.leftovers() == []
 
 
