@@ -245,13 +245,17 @@ def test_verify_has_its_own_limit_and_deadline(start_server, tmp_path):
     """A fake bb whose verify hangs: VERIFY_CONCURRENCY runs at once, each cut at VERIFY_TIMEOUT_SECONDS."""
     fake = tmp_path / "bb"
     shutil.copy(FAKE_BB, fake)
-    srv = start_server(BB_BINARY=str(fake), FAKE_BB_VERIFY_MODE="sleep", VERIFY_CONCURRENCY="1",
-                       VERIFY_TIMEOUT_SECONDS="2")
+    pidfile = tmp_path / "pids"
+    srv = start_server(BB_BINARY=str(fake), FAKE_BB_VERIFY_MODE="sleep", FAKE_BB_PIDFILE=str(pidfile),
+                       VERIFY_CONCURRENCY="1", VERIFY_TIMEOUT_SECONDS="5")
     raw = {"Content-Type": "application/octet-stream", "X-Public-Inputs": ""}
     first = http.client.HTTPConnection("127.0.0.1", srv.port, timeout=60)
     first.request("POST", "/api/verify", b"\0" * 64, raw)
-    time.sleep(0.5)
-    status, headers, body = request_json(srv.port, "POST", "/api/verify", b"\0" * 64, raw)
+    for _ in range(100):  # until its bb verify runs (it holds the only place)
+        if pidfile.exists() and pidfile.read_text().strip():
+            break
+        time.sleep(0.05)
+    status, headers, body = request_json(srv.port, "POST", "/api/verify", b"\0" * 64, raw)  # not the first's 5 s
     assert status == 503 and int(headers["retry-after"]) >= 1, body
     reply = first.getresponse()
     assert reply.status == 504, reply.read()
