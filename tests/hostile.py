@@ -75,10 +75,14 @@ def read_reply(sock):
 # ---------------------------------------------------------------- clients
 
 class Client:
-    """A thread that repeats one behaviour until `stop_at`, counting the outcomes."""
+    """A thread that repeats one behaviour until `stop_at`, `pause` seconds apart, counting the outcomes.
 
-    def __init__(self, kind, port, witness, stop_at):
-        self.kind, self.port, self.witness, self.stop_at = kind, port, witness, stop_at
+    Hostile clients pause: they probe the server's defences; a flood of requests is
+    volume, which a load balancer's rate limits are for.
+    """
+
+    def __init__(self, kind, port, witness, stop_at, pause=0.5):
+        self.kind, self.port, self.witness, self.stop_at, self.pause = kind, port, witness, stop_at, pause
         self.outcomes = Counter()
         self.thread = threading.Thread(target=self.run, daemon=True)
 
@@ -90,6 +94,7 @@ class Client:
             except OSError as exc:
                 outcome = type(exc).__name__
             self.outcomes[str(outcome)] += 1
+            time.sleep(self.pause)
 
     def send_whole(self, body, headers=None, shut_wr=False):
         with connect(self.port) as sock:
@@ -154,14 +159,10 @@ class Client:
             return read_reply(sock)[0]
 
     def disconnect(self):
-        """A valid witness, then close after 50 ms: the server stops its proof (it logs 499).
-
-        Once a second: a flood of complete requests is load, which the queue bounds (503).
-        """
+        """A valid witness, then close after 50 ms: the server stops its proof (it logs 499)."""
         with connect(self.port) as sock:
             sock.sendall(request_head("/api/prove", {"Content-Length": len(self.witness)}) + self.witness)
             time.sleep(0.05)
-        time.sleep(1)
         return "closed"
 
 
@@ -186,7 +187,7 @@ class Honest(Client):
     """Sends valid witnesses one after the other; keeps every 200's proof."""
 
     def __init__(self, port, witness, stop_at, proofs_dir, number):
-        super().__init__("honest", port, witness, stop_at)
+        super().__init__("honest", port, witness, stop_at, pause=0)
         self.proofs_dir, self.number, self.count = proofs_dir, number, 0
         self.seconds = []
 
