@@ -11,6 +11,12 @@ hooks (the WSGI callable called directly) every function here does nothing.
 
 `watch_hangup` tells a client that is gone from one that only closed its write
 side (`shutdown(SHUT_WR)`, what `nc -N` does) and still waits for its reply.
+
+`GeventWorker` (gunicorn.conf.py's worker_class) is gunicorn's gevent worker with
+a deadline for request heads: gunicorn bounds the wait for a request line and
+headers only by `keepalive`, which behind a load balancer is long (its idle
+timeout and more), so a client trickling its headers would hold the connection
+that long.
 """
 import select
 import socket
@@ -19,6 +25,7 @@ import ssl
 import gevent
 from gevent import monkey
 from gevent.socket import wait_read
+from gunicorn.workers import ggevent
 
 CONTINUE = b"HTTP/1.1 100 Continue\r\n\r\n"
 LINGER_SECONDS = 2.0  # after a refused body: time the client gets to read the reply before the close
@@ -134,3 +141,62 @@ def watch_hangup(sock, http_version, on_hangup):
         on_hangup()
 
     return gevent.spawn(watch)
+
+
+# ---------------------------------------------------------------- the worker
+
+class HeadDeadline:
+    """gunicorn's timeout_ctx around reading one request head (request line and headers).
+
+    The connection may stay idle `idle` seconds (gunicorn's keepalive); once the
+    first byte of a request arrives, the rest of its head has `head` seconds.
+    On expiry gunicorn reads no request (a silent gevent.Timeout, as gunicorn's
+    own timeout_ctx) and closes the connection without a reply.
+    """
+
+    def __init__(self, sock, idle, head):
+        self.sock, self.idle, self.head = sock, idle, head
+        self.active = False
+
+    def __enter__(self):
+        self.handler = gevent.getcurrent()
+        self.timeout = gevent.Timeout(self.idle, False)
+        self.timeout.start()
+        self.active = True
+        self.watcher = gevent.spawn(self._watch)
+        return self
+
+    def _watch(self):
+        wait_read(self.sock.fileno())  # the next request starts (or the client leaves)
+        gevent.sleep(self.head)
+        gevent.get_hub().loop.run_callback(self._expire)
+
+    def _expire(self):  # in the hub: the handler may have finished the head meanwhile
+        if self.active:
+            self.handler.throw(self.timeout)
+
+    def __exit__(self, typ, value, tb):
+        self.active = False
+        self.watcher.kill(block=False)
+        self.timeout.close()
+        return value is self.timeout
+
+
+class GeventWorker(ggevent.GeventWorker):
+    """gunicorn's gevent worker; request heads must arrive within `header_timeout` seconds."""
+
+    header_timeout = 10.0  # gunicorn.conf.py sets HEADER_TIMEOUT_SECONDS
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        self._clients = {}  # handler greenlet -> its client socket
+
+    def handle(self, listener, client, addr):
+        self._clients[gevent.getcurrent()] = client
+        try:
+            super().handle(listener, client, addr)
+        finally:
+            self._clients.pop(gevent.getcurrent(), None)
+
+    def timeout_ctx(self):
+        return HeadDeadline(self._clients[gevent.getcurrent()], self.cfg.keepalive, self.header_timeout)
