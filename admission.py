@@ -1,10 +1,12 @@
 """Admission of proof requests: a bounded per-process queue, then a proof slot.
 
 VerifyLimit bounds verifications, which never take a proof slot.
-ProofQueue is what app.App holds: admit() counts a proof request from its first
-byte until it gets a slot (503 when MAX_QUEUED_REQUESTS are already queued), slot()
-waits for one of the ProofSlots shared by every worker process (503 after
-QUEUE_TIMEOUT_SECONDS). ProofSlots are lock files, so a killed worker leaks none.
+ProofQueue is what app.App holds: admit() counts a proof request as uploading
+while its body arrives (503 when MAX_UPLOADING_REQUESTS are), then as queued until
+it gets a slot (503 when MAX_QUEUED_REQUESTS are): slow uploads never take the
+places complete requests wait in. slot() waits for one of the ProofSlots shared
+by every worker process (503 after QUEUE_TIMEOUT_SECONDS). ProofSlots are lock
+files, so a killed worker leaks none.
 """
 import os
 import fcntl
@@ -27,14 +29,30 @@ class Busy(ServiceUnavailable):
 
 
 class Ticket:
-    """One admitted proof request; counts as queued until leave()."""
+    """One admitted proof request: uploading, then (uploaded()) queued, until leave()."""
 
     def __init__(self, queue):
         self._queue = queue
-        self.queued = True
+        self.uploading = True
+        self.queued = False
+
+    def uploaded(self):
+        """The body is in: count as queued instead of uploading.
+
+        Raises Busy (503, Retry-After: 1) when max_queued requests are queued already.
+        """
+        if self.uploading:
+            self.uploading = False
+            self._queue.uploading -= 1
+            self._queue.check_queued()
+            self.queued = True
+            self._queue.queued += 1
 
     def leave(self):
-        """Stop counting as queued (got a slot, or the request is over); idempotent."""
+        """Stop counting (got a slot, or the request is over); idempotent."""
+        if self.uploading:
+            self.uploading = False
+            self._queue.uploading -= 1
         if self.queued:
             self.queued = False
             self._queue.queued -= 1
@@ -44,25 +62,35 @@ class ProofQueue:
     """Admission for this process's proof requests.
 
     slots: the ProofSlots shared by every worker process. timeout: seconds a request
-    may wait for a slot. max_queued: proof requests this process holds beyond its
-    proof slots (uploading or waiting); more get 503 at once.
+    may wait for a slot. max_queued: complete proof requests this process holds
+    waiting for a slot; max_uploading: proof requests whose body is still arriving.
+    Past either, a new request gets 503 at once, before its body is read.
     """
 
-    def __init__(self, slots, timeout, max_queued=16):
+    def __init__(self, slots, timeout, max_queued=16, max_uploading=16):
         self.slots = slots
         self.timeout = timeout
         self.max_queued = max_queued
-        self.queued = 0  # proof requests of this process uploading or waiting for a slot
+        self.queued = 0  # complete proof requests of this process waiting for a slot
+        self.max_uploading = max_uploading
+        self.uploading = 0  # proof requests of this process whose body is still arriving
+
+    def check_queued(self):
+        """Raise Busy (503, Retry-After: 1) when max_queued requests are queued already."""
+        if self.queued >= self.max_queued:
+            raise Busy(f"{self.queued} proof requests already queued; retry later", retry_after=1)
 
     @contextmanager
     def admit(self):
-        """Count a proof request as queued for the `with` body; yields its Ticket.
+        """Count a proof request as uploading for the `with` body; yields its Ticket.
 
-        Raises Busy (503, Retry-After: 1) when max_queued requests are queued already.
+        Raises Busy (503, Retry-After: 1) when the queue is full (the request could not
+        wait once uploaded) or max_uploading requests are uploading already.
         """
-        if self.queued >= self.max_queued:
-            raise Busy(f"{self.queued} proof requests already queued; retry later", retry_after=1)
-        self.queued += 1
+        self.check_queued()
+        if self.uploading >= self.max_uploading:
+            raise Busy(f"{self.uploading} proof requests already uploading; retry later", retry_after=1)
+        self.uploading += 1
         ticket = Ticket(self)
         try:
             yield ticket

@@ -25,15 +25,16 @@ import json
 import logging
 import os
 import shutil
-import socket
 import time
 import uuid
 import zlib
 from collections import namedtuple
 
 import gevent
+from gunicorn.http.errors import ParseException
 
 import bbrunner
+import connection
 import correlation
 import observability
 import settings
@@ -49,6 +50,10 @@ access_log = logging.getLogger("bb_worker.access")
 
 CHUNK_BYTES = 64 * 1024
 OPENAPI_PATH = os.path.join(settings.APP_DIR, "openapi.json")
+MAX_GZIP_MEMBERS = 4  # a witness is one gzip member (nargo, noir_js); a few concatenated ones are fine
+# X-Public-Inputs is sent only up to this length (45 public inputs): nginx's default buffer for a
+# whole upstream reply head is 4 KiB (proxy_buffer_size). Longer: see App.proof_reply.
+PUBLIC_INPUTS_HEADER_BYTES = 3072
 
 
 # ---------------------------------------------------------------- errors
@@ -84,7 +89,9 @@ class WitnessSink:
 
     Decompresses as it goes (nothing decompressed is kept) to count the witness
     size: raises PayloadTooLarge past `max_body` compressed or `max_witness`
-    decompressed bytes, BadRequest for data that is not gzip or is corrupt.
+    decompressed bytes, BadRequest for data that is not gzip or is corrupt, or
+    for more than MAX_GZIP_MEMBERS gzip members (a body of many empty members
+    costs CPU and inflates to nothing).
     Call finish() at the end of the body: it raises BadRequest if the stream is
     empty or truncated.
     """
@@ -95,6 +102,7 @@ class WitnessSink:
         self.max_witness = max_witness
         self.received = 0
         self.inflated = 0
+        self.members = 1
         self._head = b""
         self._gzip = zlib.decompressobj(16 + zlib.MAX_WBITS)
 
@@ -119,11 +127,13 @@ class WitnessSink:
                 if self._gzip.eof:  # end of a gzip member: whatever follows starts another
                     data = self._gzip.unused_data
                     if data:
+                        self.members += 1
+                        if self.members > MAX_GZIP_MEMBERS:
+                            raise BadRequest(f"body has more than {MAX_GZIP_MEMBERS} gzip members")
                         self._gzip = zlib.decompressobj(16 + zlib.MAX_WBITS)
                 else:
                     data = self._gzip.unconsumed_tail
-                if out:
-                    gevent.sleep(0)  # a gzip bomb must not starve other requests
+                gevent.sleep(0)  # per output and per member: a gzip bomb must not starve other requests
         except zlib.error as exc:
             raise BadRequest(f"body is not valid gzip: {exc}") from None
 
@@ -219,26 +229,50 @@ def parse_verify_request(body, content_type, public_inputs_header):
     return proof, b"".join(field_bytes(item) for item in inputs)
 
 
-def read_body(environ, sink, idle_timeout):
-    """Copy the request body into `sink` in chunks; each read may wait `idle_timeout` seconds."""
+def read_body(environ, sink, idle_timeout, deadline):
+    """Copy the request body into `sink` in chunks.
+
+    idle_timeout: seconds the client may send nothing (every piece received starts
+    it again); deadline: seconds for the whole body. Either raises RequestTimeout.
+    Broken chunked framing (gunicorn's parse errors) and a body cut short raise
+    BadRequest. Sends the "100 Continue" that connection.py held back first, and
+    sets environ["bb_worker.body_read"] once the body has been read to its end.
+    """
     length = environ.get("CONTENT_LENGTH") or ""
     if length and not length.isdigit():
         raise BadRequest("Content-Length is not a number")
     stream = environ["wsgi.input"]
     chunked = "chunked" in environ.get("HTTP_TRANSFER_ENCODING", "").lower()
     remaining = int(length) if length else (None if chunked or environ.get("wsgi.input_terminated") else 0)
-    while remaining is None or remaining > 0:
-        size = CHUNK_BYTES if remaining is None else min(CHUNK_BYTES, remaining)
-        try:
-            with gevent.Timeout(idle_timeout, RequestTimeout(f"no body data for {idle_timeout:g} s")):
-                chunk = stream.read(size)
-        except OSError as exc:  # gunicorn's NoMoreData, bad chunk framing, reset connection
-            raise BadRequest(f"request body could not be read: {exc or type(exc).__name__}") from None
-        if not chunk:
-            break
-        if remaining is not None:
-            remaining -= len(chunk)
-        sink.write(chunk)
+    sock = environ.get("gunicorn.socket")
+    connection.send_continue(environ)
+    prior = sock.gettimeout() if sock is not None else None
+    if sock is not None:
+        sock.settimeout(idle_timeout)  # per recv(): one read below may wait for many pieces
+    try:
+        with gevent.Timeout(deadline, RequestTimeout(f"the body did not arrive within {deadline:g} s")):
+            while remaining is None or remaining > 0:
+                size = CHUNK_BYTES if remaining is None else min(CHUNK_BYTES, remaining)
+                try:
+                    with gevent.Timeout(None if sock is not None else idle_timeout, TimeoutError):
+                        chunk = stream.read(size)
+                except TimeoutError:
+                    raise RequestTimeout(f"no body data for {idle_timeout:g} s") from None
+                except ParseException as exc:  # gunicorn: bad chunk size, missing CRLF, bad trailer
+                    raise BadRequest(f"bad chunked framing: {exc}") from None
+                except OSError as exc:  # gunicorn's NoMoreData (body cut short), reset connection
+                    raise BadRequest(f"request body could not be read: {exc or type(exc).__name__}") from None
+                if not chunk:
+                    break
+                if remaining is not None:
+                    remaining -= len(chunk)
+                sink.write(chunk)
+            if remaining:
+                raise BadRequest(f"request body ended {remaining} bytes short of its Content-Length")
+    finally:
+        if sock is not None:
+            sock.settimeout(prior)
+    environ["bb_worker.body_read"] = True
 
 
 # ---------------------------------------------------------------- content negotiation
@@ -296,10 +330,10 @@ def printable(text):
     return json.dumps(text)[1:-1]
 
 
-Limits = namedtuple("Limits", "max_body_bytes max_witness_bytes upload_timeout verify_timeout",
-                    defaults=(10.0,))
+Limits = namedtuple("Limits", "max_body_bytes max_witness_bytes upload_timeout verify_timeout upload_deadline",
+                    defaults=(10.0, 60.0))
 Limits.__doc__ = """Per-request limits: body bytes (compressed), witness bytes (decompressed),
-seconds each body read may wait, seconds one bb verify may run."""
+seconds the body may stall (idle), seconds one bb verify may run, seconds for the whole body."""
 
 DEFAULT = "default"  # the circuit at /api/prove and /api/vk (CIRCUIT_PATH); also its metrics label
 CIRCUIT_PREFIXES = ("/api/prove/", "/api/verify/", "/api/vk/")
@@ -357,6 +391,8 @@ class App:
         method = environ.get("REQUEST_METHOD", "GET")
         path = environ.get("PATH_INFO", "") or "/"
         reply = self.dispatch(environ)
+        if has_body(environ) and not environ.get("bb_worker.body_read"):
+            connection.close_after_reply(environ)  # a refused body is not drained
         headers = [("X-Request-Id", request_id)] + reply.headers
         if reply.status not in (204, 304):  # RFC 9110 8.6: no Content-Length on these
             headers.insert(0, ("Content-Length", str(len(reply.body))))
@@ -499,13 +535,15 @@ class App:
             with self.queue.admit() as ticket:
                 try:
                     self.receive(environ, request_id, witness, outdir)
-                    watcher = watch_disconnect(environ.get("gunicorn.socket"), gevent.getcurrent())
+                    ticket.uploaded()
+                    watcher = connection.watch_hangup(environ.get("gunicorn.socket"), environ.get("SERVER_PROTOCOL"),
+                                                      hangup(gevent.getcurrent()))
                     with self.queue.slot(ticket):
                         result = self.run_bb(environ, request_id, name, witness, outdir)
                 finally:
                     remove(witness, outdir)  # first: a ClientGone may still land below
                     if watcher is not None:
-                        watcher.kill()  # blocks until it has stopped reading the socket
+                        watcher.kill()  # blocks until it has stopped watching the socket
                         gevent.sleep(0)  # a ClientGone it already sent lands here, not in gunicorn
         except Busy:
             observability.PROOFS.labels(name, "busy").inc()
@@ -513,9 +551,23 @@ class App:
         except ClientGone:
             observability.PROOFS.labels(name, "client_gone").inc()
             raise
-        if wants_binary(environ.get("HTTP_ACCEPT", ""), self.response_format):
-            return Reply(200, result.proof, "application/octet-stream",
-                         [("X-Public-Inputs", ",".join(result.public_inputs))])
+        return self.proof_reply(environ, result)
+
+    def proof_reply(self, environ, result):
+        """The 200 for a bbrunner.Proof: JSON, or the raw proof when Accept prefers it.
+
+        A raw proof carries its public inputs in X-Public-Inputs, comma-separated, up to
+        PUBLIC_INPUTS_HEADER_BYTES; past that the reply is the JSON one when Accept
+        allows JSON at all, else the raw proof with only X-Public-Inputs-Count.
+        """
+        accept = environ.get("HTTP_ACCEPT", "")
+        if wants_binary(accept, self.response_format):
+            header = ",".join(result.public_inputs)
+            if len(header) <= PUBLIC_INPUTS_HEADER_BYTES:
+                return Reply(200, result.proof, "application/octet-stream", [("X-Public-Inputs", header)])
+            if accept_quality(accept, "application/json") == 0:
+                return Reply(200, result.proof, "application/octet-stream",
+                             [("X-Public-Inputs-Count", str(len(result.public_inputs)))])
         return json_reply(200, {"success": True, "proof": base64.b64encode(result.proof).decode(),
                                 "publicInputs": result.public_inputs})
 
@@ -527,7 +579,7 @@ class App:
         length = environ.get("CONTENT_LENGTH") or ""
         if length.isdigit() and int(length) > MAX_VERIFY_BODY_BYTES:
             raise PayloadTooLarge(f"request body is {length} bytes; the limit is {MAX_VERIFY_BODY_BYTES}")
-        read_body(environ, sink, self.limits.upload_timeout)
+        read_body(environ, sink, self.limits.upload_timeout, self.limits.upload_deadline)
         environ["bb_worker.bytes_in"] = sink.received
         proof, public_inputs = parse_verify_request(sink.data(), environ.get("CONTENT_TYPE", ""),
                                                     environ.get("HTTP_X_PUBLIC_INPUTS"))
@@ -575,7 +627,7 @@ class App:
             log.error("request %s: cannot write to %s: %s", request_id, self.work_dir, exc)
             raise ServiceUnavailable(f"temp dir is not writable: {exc.strerror}") from None
         try:
-            read_body(environ, sink, self.limits.upload_timeout)
+            read_body(environ, sink, self.limits.upload_timeout, self.limits.upload_deadline)
             sink.finish()
         except OSError as exc:
             if exc.errno in (errno.ENOSPC, errno.EDQUOT):
@@ -604,23 +656,14 @@ class App:
         return result
 
 
-def watch_disconnect(sock, target):
-    """Spawn a greenlet that raises ClientGone in `target` when the peer of `sock` hangs up.
+def has_body(environ):
+    """True when the request announced a body (a Content-Length above 0, or chunked)."""
+    return environ.get("CONTENT_LENGTH", "") not in ("", "0") or "HTTP_TRANSFER_ENCODING" in environ
 
-    Peeks (never consumes) so a pipelined next request is left for gunicorn.
-    Returns the greenlet, or None when there is no socket (direct WSGI calls).
-    """
-    if sock is None:
-        return None
 
-    def watch():
-        try:
-            if sock.recv(1, socket.MSG_PEEK):
-                return  # more data, not a hang-up
-        except OSError:
-            pass
-        target.kill(ClientGone, block=False)
-    return gevent.spawn(watch)
+def hangup(greenlet):
+    """The callback for connection.watch_hangup: raise ClientGone in `greenlet`."""
+    return lambda: greenlet.kill(ClientGone, block=False)
 
 
 def remove(*paths):
@@ -640,9 +683,10 @@ def create_app():
     bb = bbrunner.BB(**settings.BB_OPTIONS)
     circuits = {name: bbrunner.Circuit(bb, path, settings.VK_CACHE_DIR) for name, path in settings.CIRCUITS.items()}
     queue = ProofQueue(ProofSlots(settings.SLOTS_DIR, settings.MAX_CONCURRENT_PROOFS),
-                       settings.QUEUE_TIMEOUT_SECONDS, settings.MAX_QUEUED_REQUESTS)
+                       settings.QUEUE_TIMEOUT_SECONDS, settings.MAX_QUEUED_REQUESTS, settings.MAX_UPLOADING_REQUESTS)
     limits = Limits(settings.MAX_BODY_BYTES, settings.MAX_WITNESS_BYTES, settings.UPLOAD_TIMEOUT_SECONDS,
-                    settings.VERIFY_TIMEOUT_SECONDS)
+                    settings.VERIFY_TIMEOUT_SECONDS,
+                    settings.UPLOAD_DEADLINE_SECONDS)
     with open(OPENAPI_PATH, "rb") as f:
         openapi = f.read()
     return App(circuits, queue, settings.WORK_DIR, limits, settings.PROOF_RESPONSE_FORMAT,

@@ -32,6 +32,7 @@ from gevent.lock import Semaphore
 UNSATISFIED_MARKER = "Builder failure when we have real witnesses"
 FIELD_BYTES = 32  # BN254 scalar field element, big-endian, in bb's public_inputs file
 KILL_WAIT_SECONDS = 5.0
+BB_NICE = 10  # bb's CPU priority below the server's (os.nice increment, 0..19)
 VERSION_TIMEOUT_SECONDS = 30.0
 VERSION_RETRY_SECONDS = 10.0  # after a failed `bb --version`, status() waits this long to run it again
 
@@ -92,7 +93,8 @@ def run(argv, timeout):
     """
     try:
         proc = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
-                                stderr=subprocess.PIPE, start_new_session=True, close_fds=True)
+                                stderr=subprocess.PIPE, start_new_session=True, close_fds=True,
+                                preexec_fn=child_setup)
     except OSError as exc:
         raise ProverUnavailable(f"cannot run {os.path.basename(argv[0])}: {exc.strerror}") from None
     try:
@@ -104,6 +106,16 @@ def run(argv, timeout):
         kill_group(proc)
         raise
     return proc.returncode, out, err
+
+
+def child_setup():
+    """In the child, between fork and exec: the one place bb's process settings are made.
+
+    bb runs at nice BB_NICE: the server's own processes come first, so health checks
+    and uploads are answered at once while bb saturates the cores; a lone proof
+    loses nothing (no other process wants the CPU).
+    """
+    os.nice(BB_NICE)
 
 
 def kill_group(proc):

@@ -20,7 +20,8 @@ bind = [f"0.0.0.0:{settings.PORT}"]
 # bb does the heavy work in its own process; a gevent worker only streams bodies
 # and waits, so one process serves many connections. MAX_CONCURRENT_PROOFS (not
 # the worker count) bounds how many bb processes run at once.
-worker_class = "gevent"
+# connection.GeventWorker: gunicorn's gevent worker, plus a deadline for request heads.
+worker_class = "connection.GeventWorker"
 workers = settings.WEB_CONCURRENCY
 worker_connections = 256
 worker_tmp_dir = "/dev/shm" if os.path.isdir("/dev/shm") else None
@@ -36,6 +37,11 @@ timeout = 30
 graceful_timeout = int(settings.QUEUE_TIMEOUT_SECONDS + settings.PROVE_TIMEOUT_SECONDS) + 10
 keepalive = settings.KEEPALIVE_SECONDS  # above load balancers' idle timeouts (settings.py)
 forwarded_allow_ips = settings.FORWARDED_ALLOW_IPS  # whose X-Forwarded-For the access log believes
+# A request line and headers must arrive within HEADER_TIMEOUT_SECONDS once begun (a
+# trickling client is dropped without a reply); the body is app.read_body's.
+import connection  # noqa: E402
+
+connection.GeventWorker.header_timeout = settings.HEADER_TIMEOUT_SECONDS
 
 # ---------------------------------------------------------------- logging
 # app.py writes one access line per request (id, status, bytes in, ms) to the
@@ -65,6 +71,11 @@ if settings.LOG_FORMAT == "json":  # LOG_FORMAT=json: one JSON object per line, 
 
 # ---------------------------------------------------------------- hooks
 # The master never imports app.py (no preload: HUP reloads the code); workers do.
+
+# gunicorn sends "100 Continue" before the app runs and drains a body the app refused:
+# connection.py holds the first back until the body is read, and closes instead.
+pre_request = connection.pre_request
+post_request = connection.post_request
 
 def on_starting(server):
     """In the master, before any worker: clear stale files, set up metrics, compute the VKs once."""

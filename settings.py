@@ -211,11 +211,15 @@ SLOTS_DIR = os.path.join(TMPDIR, "bb-worker-slots")
 MAX_BODY_BYTES = _int("MAX_BODY_BYTES", 50 * MiB, 1)
 MAX_WITNESS_BYTES = _int("MAX_WITNESS_BYTES", 512 * MiB, 1)
 MAX_CONCURRENT_PROOFS = _int("MAX_CONCURRENT_PROOFS", 1, 1, 1024)
-# Per worker process: proof requests uploading or waiting for a slot; more get 503 at once.
-# Bounds the disk the witnesses take: (this + proving) x MAX_BODY_BYTES per process.
+# Per worker process: complete proof requests waiting for a slot; more get 503 at once. With
+# MAX_UPLOADING_REQUESTS it bounds the disk witnesses take: (both + proving) x MAX_BODY_BYTES.
 MAX_QUEUED_REQUESTS = _int("MAX_QUEUED_REQUESTS", 16, 1, 100000)
 QUEUE_TIMEOUT_SECONDS = _seconds("QUEUE_TIMEOUT_SECONDS", 30)
-UPLOAD_TIMEOUT_SECONDS = _seconds("UPLOAD_TIMEOUT_SECONDS", 30)
+UPLOAD_TIMEOUT_SECONDS = _seconds("UPLOAD_TIMEOUT_SECONDS", 30)  # the body may stall this long
+UPLOAD_DEADLINE_SECONDS = _seconds("UPLOAD_DEADLINE_SECONDS", 60)  # for the whole body
+# Per worker process: proof requests whose body is still arriving; more get 503 at once.
+MAX_UPLOADING_REQUESTS = _int("MAX_UPLOADING_REQUESTS", 16, 1, 100000)
+HEADER_TIMEOUT_SECONDS = _seconds("HEADER_TIMEOUT_SECONDS", 10)  # request line and headers, once begun
 # POST /api/verify: bb verify runs at once per worker process (never a proof slot), and
 # the deadline of one run (it takes ~10 ms for the demo circuit).
 VERIFY_CONCURRENCY = _int("VERIFY_CONCURRENCY", 2, 1, 64)

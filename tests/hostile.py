@@ -39,37 +39,49 @@ def request_head(path, headers, method="POST"):
     return ("\r\n".join(lines) + "\r\n\r\n").encode()
 
 
-def read_reply(sock):
-    """Read one final reply: (status, headers dict with lower-case names, body), skipping 1xx.
+class Replies:
+    """Reads the replies on one connection in order, keeping bytes that belong to the next one.
 
-    Returns (None, {}, b"") when the server closed the connection first.
+    interim: the 1xx statuses seen so far (skipped by next()).
     """
-    buf = b""
-    while True:
-        while b"\r\n\r\n" not in buf:
-            try:
-                data = sock.recv(65536)
-            except (ConnectionResetError, socket.timeout):
-                data = b""
-            if not data:
-                return None, {}, b""
-            buf += data
-        head, _, buf = buf.partition(b"\r\n\r\n")
-        lines = head.decode("latin-1").split("\r\n")
-        status = int(lines[0].split()[1])
-        headers = {k.strip().lower(): v.strip() for k, _, v in (line.partition(":") for line in lines[1:])}
-        if status >= 200:
-            break
-    length = int(headers.get("content-length", "0"))
-    while len(buf) < length:
+
+    def __init__(self, sock):
+        self.sock, self.buf, self.interim = sock, b"", []
+
+    def _more(self):
         try:
-            data = sock.recv(65536)
+            data = self.sock.recv(65536)
         except (ConnectionResetError, socket.timeout):
             data = b""
-        if not data:
-            break
-        buf += data
-    return status, headers, buf[:length]
+        self.buf += data
+        return bool(data)
+
+    def next(self):
+        """The next final reply: (status, headers dict with lower-case names, body bytes).
+
+        Returns (None, {}, b"") when the server closed the connection first.
+        """
+        while True:
+            while b"\r\n\r\n" not in self.buf:
+                if not self._more():
+                    return None, {}, b""
+            head, _, self.buf = self.buf.partition(b"\r\n\r\n")
+            lines = head.decode("latin-1").split("\r\n")
+            status = int(lines[0].split()[1])
+            headers = {k.strip().lower(): v.strip() for k, _, v in (line.partition(":") for line in lines[1:])}
+            if status >= 200:
+                break
+            self.interim.append(status)
+        length = int(headers.get("content-length", "0"))
+        while len(self.buf) < length and self._more():
+            pass
+        body, self.buf = self.buf[:length], self.buf[length:]
+        return status, headers, body
+
+
+def read_reply(sock):
+    """The first final reply on `sock` (see Replies.next), for a connection used once."""
+    return Replies(sock).next()
 
 
 # ---------------------------------------------------------------- clients
@@ -146,11 +158,9 @@ class Client:
         """Expect: 100-continue with a Content-Length of 1 TB: 413 and no "100 Continue"."""
         with connect(self.port) as sock:
             sock.sendall(request_head("/api/prove", {"Content-Length": 10 ** 12, "Expect": "100-continue"}))
-            first = sock.recv(12)
-            if first.startswith(b"HTTP/1.1 100"):
-                return "sent 100 Continue"
-            status = read_reply(_Prefixed(sock, first))[0]
-            return status
+            replies = Replies(sock)
+            status = replies.next()[0]
+            return "sent 100 Continue" if replies.interim else status
 
     def bad_framing(self):
         """A chunked body whose chunk-size line is "zz": 400."""
@@ -164,19 +174,6 @@ class Client:
             sock.sendall(request_head("/api/prove", {"Content-Length": len(self.witness)}) + self.witness)
             time.sleep(0.05)
         return "closed"
-
-
-class _Prefixed:
-    """A socket whose first recv() returns bytes already read."""
-
-    def __init__(self, sock, prefix):
-        self.sock, self.prefix = sock, prefix
-
-    def recv(self, size):
-        if self.prefix:
-            data, self.prefix = self.prefix, b""
-            return data
-        return self.sock.recv(size)
 
 
 HOSTILE = ("trickle_upload", "trickle_headers", "half_close", "gzip_members",

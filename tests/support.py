@@ -45,6 +45,24 @@ def request_json(port, method, path, body=None, headers=None, timeout=120):
     return status, headers, json.loads(data)
 
 
+def wait_for(predicate, timeout=10.0):
+    """Call predicate() every 20 ms until it is true (then True) or `timeout` seconds pass (False)."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if predicate():
+            return True
+        time.sleep(0.02)
+    return False
+
+
+def pids_in(path):
+    """The pids listed one per line in the file at `path` (FAKE_BB_PIDFILE); [] if it does not exist."""
+    if not os.path.exists(path):
+        return []
+    with open(path) as f:
+        return [int(line) for line in f if line.strip()]
+
+
 # ---------------------------------------------------------------- /proc
 
 def proc_stat(pid):

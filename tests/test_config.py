@@ -82,7 +82,8 @@ unknown = sorted(k for k, v in names.items() if not k.startswith("_") and not is
 print(json.dumps({"worker_class": cfg.worker_class_str, "graceful_timeout": cfg.graceful_timeout,
                   "timeout": cfg.timeout, "bind": cfg.bind, "workers": cfg.workers,
                   "worker_tmp_dir": cfg.worker_tmp_dir, "wsgi_app": cfg.wsgi_app,
-                  "on_starting": cfg.on_starting.__module__, "unknown": unknown}))
+                  "on_starting": cfg.on_starting.__module__, "pre_request": cfg.pre_request.__module__,
+                  "post_request": cfg.post_request.__module__, "unknown": unknown}))
 """
 
 
@@ -98,7 +99,8 @@ def test_gunicorn_settings_follow_the_environment(tmp_path, prove, queue):
     cfg = gunicorn_config(tmp_path, PORT="12345", PROVE_TIMEOUT_SECONDS=prove, QUEUE_TIMEOUT_SECONDS=queue,
                           WEB_CONCURRENCY="3")
     assert cfg["unknown"] == [], "names in gunicorn.conf.py that gunicorn ignores"
-    assert cfg["worker_class"] == "gevent"
+    assert cfg["worker_class"] == "connection.GeventWorker"  # gunicorn's gevent worker + a header deadline
+    assert cfg["pre_request"] == cfg["post_request"] == "connection"
     assert cfg["bind"] == ["0.0.0.0:12345"]
     assert cfg["workers"] == 3
     assert cfg["wsgi_app"] == "app:application"

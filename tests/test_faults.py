@@ -12,7 +12,7 @@ import time
 import pytest
 
 from conftest import fixture_bytes
-from support import alive, bb_processes, request, request_json
+from support import alive, bb_processes, pids_in, request, request_json, wait_for
 
 WITNESS = fixture_bytes("valid_1.gz")
 
@@ -37,22 +37,6 @@ def raw_exchange(port, head, body=b"", wait=10.0):
         except (socket.timeout, ConnectionResetError):
             pass
     return b"".join(chunks)
-
-
-def pids_in(path):
-    if not os.path.exists(path):
-        return []
-    with open(path) as f:
-        return [int(line) for line in f if line.strip()]
-
-
-def wait_for(predicate, timeout=10.0):
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if predicate():
-            return True
-        time.sleep(0.02)
-    return False
 
 
 # ---------------------------------------------------------------- sizes
