@@ -77,6 +77,7 @@ if settings.LOG_FORMAT == "json":  # LOG_FORMAT=json: one JSON object per line, 
 pre_request = connection.pre_request
 post_request = connection.post_request
 
+
 def on_starting(server):
     """In the master, before any worker: clear stale files, set up metrics, compute the VKs once."""
     import shutil

@@ -252,7 +252,7 @@ def test_trickled_headers_are_dropped_but_idle_keepalive_is_not(start_server, fa
             pass
         assert closed_by_server(sock, timeout=5)
         assert time.monotonic() - started < 4 and sent < len(head) - 1
-    with connect(srv.port) as sock:  # keepalive (5 s) is longer than HEADER_TIMEOUT_SECONDS
+    with connect(srv.port) as sock:  # KEEPALIVE_SECONDS (75 s) is longer than HEADER_TIMEOUT_SECONDS
         replies = Replies(sock)
         sock.sendall(head)
         assert replies.next()[0] == 200
