@@ -1,0 +1,210 @@
+"""The production images, built by scripts/build_image.py, run with podman as production runs them.
+
+Not collected by `make test` (the file name has no test_ prefix): `make image-test` builds
+the images for IMAGE_ARCHES (tag IMAGE_TAG-<arch>) and runs this file. Per arch, the
+container runs read-only with a tmpfs /tmp, as the image's user 65532, on the host's
+network (PORT set to a free port):
+
+- the image: OCI labels, user, no shell or package manager, /tmp mode 1777, /app read-only;
+- health 200 with the image's bb for its arch; the HEALTHCHECK command passes;
+- a fixture witness proved over HTTP, and the proof accepted by the host's `bb verify`
+  with the VK the server serves (byte-identical to the one computed here);
+- SIGTERM while a proof request is in flight: the request completes with a valid
+  proof, new connections are refused, the container exits 0 with nothing left in /tmp.
+"""
+import base64
+import json
+import os
+import resource
+import socket
+import subprocess
+import time
+
+import pytest
+
+from conftest import ROOT, expected, fixture_bytes, free_port, request, request_json
+
+TAG = os.environ.get("IMAGE_TAG", "localhost/bb-worker:test")
+ARCHES = os.environ.get("IMAGE_ARCHES", "amd64").split()
+MACHINE = {"amd64": "x86_64", "arm64": "aarch64"}
+UID = 65532
+PODMAN = ["podman", "--runtime", "runc", "--cgroup-manager", "cgroupfs"]
+WITNESS = fixture_bytes("valid_1.gz")
+NO_PROGRAMS = ("bin/sh", "usr/bin/sh", "bin/bash", "usr/bin/bash", "bin/dash", "usr/bin/dash", "bin/busybox",
+               "usr/bin/dpkg", "usr/bin/apt", "usr/bin/apt-get", "usr/bin/perl", "usr/bin/pip3")
+
+
+def podman(*args, check=True, timeout=120):
+    proc = subprocess.run(PODMAN + list(args), capture_output=True, text=True, timeout=timeout)
+    assert not check or proc.returncode == 0, f"podman {' '.join(args)}: {proc.stderr}"
+    return proc
+
+
+def ulimits():
+    """Hard limits as they are: the host refuses to raise them (nproc at most pid_max)."""
+    nofile = resource.getrlimit(resource.RLIMIT_NOFILE)[1]
+    with open("/proc/sys/kernel/pid_max") as f:
+        nproc = min(resource.getrlimit(resource.RLIMIT_NPROC)[1], int(f.read()))
+    return ["--ulimit", f"nofile={nofile}:{nofile}", "--ulimit", f"nproc={nproc}:{nproc}"]
+
+
+class Container:
+    """One container of the image, started the production way."""
+
+    def __init__(self, arch):
+        self.arch = arch
+        self.image = f"{TAG}-{arch}"
+        self.port = free_port()
+        self.id = podman("run", "--detach", "--platform", f"linux/{arch}", "--read-only", "--tmpfs", "/tmp",
+                         "--network", "host", "-e", f"PORT={self.port}", *ulimits(), self.image).stdout.strip()
+
+    def wait_ready(self, timeout=120):
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            try:
+                return request_json(self.port, "GET", "/api/health", timeout=10)
+            except OSError:
+                assert self.running(), f"the container exited:\n{self.logs()}"
+                time.sleep(0.2)
+        raise AssertionError(f"not ready in {timeout} s:\n{self.logs()}")
+
+    def running(self):
+        return podman("inspect", "--format", "{{.State.Running}}", self.id).stdout.strip() == "true"
+
+    def logs(self):
+        proc = podman("logs", self.id, check=False)
+        return proc.stdout + proc.stderr
+
+    def python(self, code):
+        """Run python3 in the container (it has no shell), as the image's user; returns stdout."""
+        return podman("exec", self.id, "/usr/bin/python3", "-c", code, timeout=60).stdout
+
+    def pid(self):
+        return int(podman("inspect", "--format", "{{.State.Pid}}", self.id).stdout)
+
+    def remove(self):
+        podman("rm", "--force", "--time", "0", self.id, check=False)
+
+
+@pytest.fixture(scope="module", params=ARCHES)
+def container(request):
+    started = time.monotonic()
+    box = Container(request.param)
+    try:
+        box.health = box.wait_ready()
+        box.start_seconds = time.monotonic() - started
+        yield box
+    finally:
+        box.remove()
+
+
+@pytest.fixture(scope="module")
+def image_config(container):
+    return json.loads(podman("image", "inspect", container.image).stdout)[0]
+
+
+def test_image_config(container, image_config):
+    config = image_config["Config"]
+    labels = config["Labels"]
+    revision = subprocess.run(["git", "-C", ROOT, "rev-parse", "HEAD"], capture_output=True, text=True).stdout.strip()
+    assert labels["org.opencontainers.image.revision"] == revision
+    assert labels["org.opencontainers.image.version"] and labels["org.opencontainers.image.title"] == "bb-worker"
+    assert "org.opencontainers.image.source" in labels
+    assert labels["bb-worker.bb.version"] == "5.0.0"
+    assert config["User"] == f"{UID}:{UID}"
+    assert image_config["Architecture"] == container.arch
+    print(f"\n{container.image}: {image_config['Size'] / 1e6:.1f} MB, ready in {container.start_seconds:.1f} s")
+
+
+def test_no_shell_and_no_package_manager(container):
+    mount = podman("image", "mount", container.image).stdout.strip()
+    try:
+        present = [p for p in NO_PROGRAMS if os.path.lexists(os.path.join(mount, p))]
+        assert present == [], f"the image has {present}"
+        assert os.stat(os.path.join(mount, "tmp")).st_mode & 0o7777 == 0o1777
+        for dirpath, dirnames, filenames in os.walk(os.path.join(mount, "app")):
+            for name in dirnames + filenames:
+                st = os.lstat(os.path.join(dirpath, name))
+                assert st.st_uid == 0 and not st.st_mode & 0o022, f"{dirpath}/{name} is writable by the server"
+    finally:
+        podman("image", "unmount", container.image, check=False)
+    proc = podman("exec", container.id, "/bin/sh", "-c", "true", check=False)
+    assert proc.returncode != 0
+
+
+def test_runs_as_nonroot_on_a_read_only_root(container):
+    with open(f"/proc/{container.pid()}/status") as f:
+        uids = next(line for line in f if line.startswith("Uid:")).split()[1:]
+    assert set(uids) == {str(UID)}
+    out = container.python("import os\nfor p in ('/app/x', '/x', '/tmp/x'):\n"
+                           "    try:\n        open(p, 'w').close(); print(p, 'ok')\n"
+                           "    except OSError as e:\n        print(p, e.errno)")
+    assert out.split("\n")[:3] == ["/app/x 30", "/x 30", "/tmp/x ok"]  # EROFS but on /tmp
+
+
+def test_health_reports_the_image_bb(container):
+    status, _, body = container.health
+    assert status == 200, body
+    assert body["architecture"] == MACHINE[container.arch]
+    assert body["bb"]["available"] is True and body["bb"]["version"].startswith("5.0.0")
+    assert body["bb"]["binary_arch"].startswith("/app/bin/bb: ELF 64-bit")
+
+
+def test_healthcheck_command_passes(container, image_config):
+    check = image_config["Healthcheck"]["Test"]  # docker format (buildah bud --format docker)
+    assert check[0] == "CMD"
+    podman("exec", container.id, *check[1:])
+
+
+def test_proves_a_witness_that_bb_verifies(container, bb, crs_dir, reference_vk, tmp_path):
+    started = time.monotonic()
+    status, _, body = request_json(container.port, "POST", "/api/prove", WITNESS,
+                                   {"Content-Type": "application/gzip"}, timeout=300)
+    seconds = time.monotonic() - started
+    assert status == 200, (body, container.logs())
+    assert body["publicInputs"] == expected()["valid_1.gz"]["public_inputs"]
+    status, _, served = request_json(container.port, "GET", "/api/vk")
+    assert status == 200
+    vk = base64.b64decode(served["vk"])
+    with open(reference_vk, "rb") as f:
+        assert vk == f.read(), "the baked VK differs from the one bb computes here"
+    (tmp_path / "vk").write_bytes(vk)
+    (tmp_path / "proof").write_bytes(base64.b64decode(body["proof"]))
+    (tmp_path / "public_inputs").write_bytes(b"".join(bytes.fromhex(x[2:]) for x in body["publicInputs"]))
+    argv = [bb, "verify", "-k", str(tmp_path / "vk"), "-p", str(tmp_path / "proof"),
+            "-i", str(tmp_path / "public_inputs")] + (["-c", crs_dir] if crs_dir else [])
+    proc = subprocess.run(argv, capture_output=True, text=True, timeout=60)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    assert json.loads(container.python("import os, json; print(json.dumps(os.listdir('/tmp/bb-proofs')))")) == []
+    print(f"\n{container.arch}: one proof over HTTP in {seconds:.2f} s")
+
+
+def test_sigterm_drains_the_request_in_flight(container):
+    """Last test of the module: the container stops."""
+    head = (f"POST /api/prove HTTP/1.1\r\nHost: x\r\nContent-Type: application/gzip\r\n"
+            f"Content-Length: {len(WITNESS)}\r\nConnection: close\r\n\r\n").encode()
+    with socket.create_connection(("127.0.0.1", container.port), timeout=120) as s:
+        s.sendall(head + WITNESS[:-1])  # in flight: the server is reading its body
+        time.sleep(0.5)
+        podman("kill", "--signal", "TERM", container.id)
+        stopped = time.monotonic()
+        deadline = stopped + 30
+        while time.monotonic() < deadline:  # the listener closes, the worker keeps the request
+            try:
+                request(container.port, "GET", "/api/health", timeout=2)
+                time.sleep(0.2)
+            except OSError:
+                break
+        else:
+            raise AssertionError("still accepting connections 30 s after SIGTERM")
+        s.sendall(WITNESS[-1:])
+        reply = b""
+        while chunk := s.recv(65536):
+            reply += chunk
+    status_line, _, rest = reply.partition(b"\r\n")
+    assert status_line.split()[1] == b"200", reply[:500]
+    body = json.loads(rest.partition(b"\r\n\r\n")[2])
+    assert body["success"] is True and body["publicInputs"] == expected()["valid_1.gz"]["public_inputs"]
+    code = podman("wait", container.id, timeout=180).stdout.strip()
+    assert code == "0", container.logs()
+    assert time.monotonic() - stopped < 60
