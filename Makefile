@@ -41,12 +41,12 @@ test: setup browser
 
 # The production image for each of IMAGE_ARCHES, built with buildah from the Dockerfile on
 # bases made from Debian's packages (cached in /var/cache/bb-worker-images), then run with
-# podman as production runs it (tests/image_engine.py). Needs root on Debian 12: it apt-installs
+# podman as production runs it, plus Dockerfile.dev running `make test` (tests/image_engine.py). Needs root on Debian 12: it apt-installs
 # podman, buildah, mmdebstrap and qemu-user-static if missing. deploy/README.md has the details.
 IMAGE_ARCHES ?= amd64 arm64
 IMAGE_TAG ?= localhost/bb-worker:test
 image-test: setup
-	$(PY) scripts/build_image.py $(foreach arch,$(IMAGE_ARCHES),--arch $(arch)) --tag $(IMAGE_TAG)
+	$(PY) scripts/build_image.py $(foreach arch,$(IMAGE_ARCHES),--arch $(arch)) --dev --tag $(IMAGE_TAG)
 	IMAGE_ARCHES="$(IMAGE_ARCHES)" IMAGE_TAG="$(IMAGE_TAG)" $(PY) -m pytest -p no:cacheprovider -v -s tests/image_engine.py
 
 # Benchmark (bench/README.md): `make bench` is the full run (~20-30 min; needs Node.js + npm to

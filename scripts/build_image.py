@@ -15,8 +15,8 @@ Debian 12 machine as root with no image registry in reach:
 
 Prints each step's time and each image's size; exits non-zero when any step fails.
 
-Usage: python3 scripts/build_image.py [--arch amd64] [--arch arm64] [--tag localhost/bb-worker:test]
-    The image of arch A is tagged <tag>-A.
+Usage: python3 scripts/build_image.py [--arch amd64] [--arch arm64] [--dev] [--tag localhost/bb-worker:test]
+    The image of arch A is tagged <tag>-A; with --dev, Dockerfile.dev's is <tag>-dev.
 """
 import argparse
 import json
@@ -103,22 +103,34 @@ def provide_crs():
     print(f"copied {SHARED_CRS}/bn254_g*.dat to deploy/crs/", flush=True)
 
 
-def build(arch, tag, build_base, runtime_base):
-    bundle = ca_bundle()
+def buildah_bud(what, args):
+    """buildah bud with this machine's settings: chroot isolation, host network, hard ulimits,
+    local bases only, docker format (it keeps HEALTHCHECK), the CA bundle pip and npm need."""
     argv = ["buildah", "bud", "--isolation", "chroot", "--network", "host", "--layers", "--format", "docker",
-            "--pull=false",  # local bases only; buildah would look for an arm64 v8 variant in a registry
-            "--platform", f"linux/{arch}", *ulimit_args(),
-            # BuildKit sets BUILDPLATFORM itself; buildah 1.28 leaves it empty (FROM --platform=
-            # would then mean the target's platform).
-            "--build-arg", f"BUILDPLATFORM=linux/{NATIVE}",
-            "--build-arg", f"BUILD_IMAGE={build_base}", "--build-arg", f"RUNTIME_IMAGE={runtime_base}",
-            "--build-arg", f"VERSION={git('describe', '--tags', '--always', '--dirty') or 'unknown'}",
-            "--build-arg", f"REVISION={git('rev-parse', 'HEAD') or 'unknown'}",
-            "--build-arg", f"SOURCE={git('remote', 'get-url', 'origin')}",
-            "-f", "Dockerfile", "-t", f"{tag}-{arch}", "."]
+            "--pull=false", *ulimit_args()]  # no registry: buildah would look for an arm64 v8 variant in one
+    bundle = ca_bundle()
     if bundle:
-        argv[2:2] = ["-v", f"{bundle}:/etc/ssl/certs/ca-certificates.crt:ro"]
-    step(f"buildah bud ({arch})", argv, cwd=PROJECT_DIR)
+        argv += ["-v", f"{bundle}:/etc/ssl/certs/ca-certificates.crt:ro"]
+    step(f"buildah bud ({what})", argv + args, cwd=PROJECT_DIR)
+
+
+def build(arch, tag, build_base, runtime_base):
+    """The production image for `arch`, tagged <tag>-<arch>."""
+    buildah_bud(arch, [
+        "--platform", f"linux/{arch}",
+        # BuildKit sets BUILDPLATFORM itself; buildah 1.28 leaves it empty (FROM --platform=
+        # would then mean the target's platform).
+        "--build-arg", f"BUILDPLATFORM=linux/{NATIVE}",
+        "--build-arg", f"BUILD_IMAGE={build_base}", "--build-arg", f"RUNTIME_IMAGE={runtime_base}",
+        "--build-arg", f"VERSION={git('describe', '--tags', '--always', '--dirty') or 'unknown'}",
+        "--build-arg", f"REVISION={git('rev-parse', 'HEAD') or 'unknown'}",
+        "--build-arg", f"SOURCE={git('remote', 'get-url', 'origin')}",
+        "-f", "Dockerfile", "-t", f"{tag}-{arch}", "."])
+
+
+def build_dev(tag, build_base):
+    """The developer container (Dockerfile.dev), tagged <tag>-dev."""
+    buildah_bud("dev", ["--build-arg", f"BUILD_IMAGE={build_base}", "-f", "Dockerfile.dev", "-t", f"{tag}-dev", "."])
 
 
 def image_size(ref):
@@ -130,6 +142,7 @@ def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--arch", action="append", choices=["amd64", "arm64"], help="repeatable (default: amd64)")
     parser.add_argument("--tag", default="localhost/bb-worker:test")
+    parser.add_argument("--dev", action="store_true", help="also build Dockerfile.dev (tagged <tag>-dev)")
     args = parser.parse_args(argv)
     arches = args.arch or ["amd64"]
     figures = []
@@ -153,12 +166,17 @@ def main(argv=None):
         build(arch, args.tag, build_base, runtime[arch])
         figures.append((f"buildah bud linux/{arch}", time.monotonic() - t))
         sizes[arch] = image_size(f"{args.tag}-{arch}")
+    if args.dev:
+        t = time.monotonic()
+        build_dev(args.tag, build_base)
+        figures.append(("buildah bud Dockerfile.dev", time.monotonic() - t))
+        sizes["dev"] = image_size(f"{args.tag}-dev")
     print("\nimage build figures:")
     for what, seconds in figures:
         print(f"  {what:<24} {seconds:6.1f} s")
     print(f"  {'total':<24} {time.monotonic() - started:6.1f} s")
     for arch, size in sizes.items():
-        print(f"  image {args.tag}-{arch}: {size / 1e6:.1f} MB")
+        print(f"  image {args.tag}-{arch}: {size / 1e6:.1f} MB")  # uncompressed, as podman images shows
     return 0
 
 

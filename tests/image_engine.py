@@ -11,6 +11,9 @@ network (PORT set to a free port):
   with the VK the server serves (byte-identical to the one computed here);
 - SIGTERM while a proof request is in flight: the request completes with a valid
   proof, new connections are refused, the container exits 0 with nothing left in /tmp.
+
+And the developer container (Dockerfile.dev, IMAGE_TAG-dev) runs `make test` on the
+mounted checkout (a subset: the HTTP contract with the real bb, and the configuration).
 """
 import base64
 import json
@@ -208,3 +211,18 @@ def test_sigterm_drains_the_request_in_flight(container):
     code = podman("wait", container.id, timeout=180).stdout.strip()
     assert code == "0", container.logs()
     assert time.monotonic() - stopped < 60
+
+
+DEV_TESTS = "tests/test_api.py tests/test_config.py"
+
+
+def test_dev_container_runs_make_test_on_the_mounted_checkout():
+    shared = os.path.join(os.path.dirname(ROOT), "shared")
+    started = time.monotonic()
+    proc = podman("run", "--rm", "--network", "host", *ulimits(), "-v", f"{ROOT}:/work/bb-worker",
+                  "-v", f"{shared}:/work/shared:ro", f"{TAG}-dev",
+                  "make", "test", f"PYTEST_ARGS=-p no:cacheprovider -q {DEV_TESTS}", check=False, timeout=600)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    assert " passed" in proc.stdout.splitlines()[-1] and "skipped" not in proc.stdout.splitlines()[-1]
+    print(f"\ndev container: make test ({DEV_TESTS}) in {time.monotonic() - started:.0f} s: "
+          f"{proc.stdout.splitlines()[-1]}")
