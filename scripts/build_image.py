@@ -64,8 +64,12 @@ def enable_emulation(arch):
     """Register qemu-user-static's binfmt handler for `arch` (a foreign one)."""
     if not os.path.exists(os.path.join(BINFMT, "register")):
         step("mount binfmt_misc", ["mount", "-t", "binfmt_misc", "binfmt_misc", BINFMT])
-    if not os.path.exists(os.path.join(BINFMT, QEMU[arch])):
-        step(f"update-binfmts --enable {QEMU[arch]}", ["update-binfmts", "--enable", QEMU[arch]])
+    entry = os.path.join(BINFMT, QEMU[arch])
+    if os.path.exists(entry):
+        with open(entry) as f:
+            if f.readline().strip() == "enabled":
+                return
+    step(f"update-binfmts --enable {QEMU[arch]}", ["update-binfmts", "--enable", QEMU[arch]])
 
 
 def ulimit_args():
