@@ -110,16 +110,16 @@ ENV PORT=8080 \
     PYTHONDONTWRITEBYTECODE=1 \
     PYTHONUNBUFFERED=1
 WORKDIR /app
-# Least often changed first: dependencies, bb, CRS, circuit + VK, then the app's code.
+# Least often changed first: dependencies, bb, CRS, circuit + VK, the API document, then the app's code.
 COPY --from=build /out/site-packages /app/site-packages
 COPY --from=build /out/bin/bb /app/bin/bb
 COPY --from=build /out/crs /app/crs
 COPY circuit.json /app/circuit.json
 COPY --from=vk --chown=0:0 /out/vk /app/vk
-# The app: gunicorn.conf.py and the modules it and app.py import (the top-level *.py files).
-COPY *.py /app/
 # The OpenAPI document app.py serves at /api/openapi.json.
 COPY openapi.json /app/
+# The app: gunicorn.conf.py and the modules it and app.py import (the top-level *.py files).
+COPY *.py /app/
 USER 65532:65532
 EXPOSE 8080
 HEALTHCHECK --interval=30s --timeout=5s --start-period=20s \

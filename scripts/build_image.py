@@ -40,11 +40,15 @@ QEMU = {"amd64": "qemu-x86_64", "arm64": "qemu-aarch64"}
 BINFMT = "/proc/sys/fs/binfmt_misc"
 
 
-def step(what, argv, **kwargs):
-    """Run argv, echoing it; raise SystemExit with its output's tail when it fails."""
+def step(what, argv, quiet=False, **kwargs):
+    """Run argv, echoing it; exit non-zero when it fails (quiet: its output only then)."""
     print(f"+ {' '.join(argv)}", flush=True)
+    if quiet:
+        kwargs.update(stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     proc = subprocess.run(argv, **kwargs)
     if proc.returncode != 0:
+        if quiet:
+            print(proc.stdout[-5000:], file=sys.stderr)
         sys.exit(f"build_image: {what} failed (exit {proc.returncode})")
     return proc
 
@@ -56,8 +60,8 @@ def install_tools():
     if os.geteuid() != 0:
         sys.exit(f"build_image: missing {missing}: run as root (apt-get install) or install them")
     env = dict(os.environ, DEBIAN_FRONTEND="noninteractive")
-    step("apt-get update", ["apt-get", "update", "-qq"], env=env)
-    step("apt-get install", ["apt-get", "install", "-y", "-qq", "--no-install-recommends"] + missing, env=env)
+    step("apt-get update", ["apt-get", "update", "-qq"], quiet=True, env=env)
+    step("apt-get install", ["apt-get", "install", "-y", "-qq", "--no-install-recommends"] + missing, quiet=True, env=env)
 
 
 def enable_emulation(arch):
