@@ -130,10 +130,19 @@ def build(arch, tag, build_base, runtime_base):
         # would then mean the target's platform).
         "--build-arg", f"BUILDPLATFORM=linux/{NATIVE}",
         "--build-arg", f"BUILD_IMAGE={build_base}", "--build-arg", f"RUNTIME_IMAGE={runtime_base}",
-        "--build-arg", f"VERSION={git('describe', '--tags', '--always', '--dirty') or 'unknown'}",
-        "--build-arg", f"REVISION={git('rev-parse', 'HEAD') or 'unknown'}",
-        "--build-arg", f"SOURCE={git('remote', 'get-url', 'origin')}",
-        "-f", "Dockerfile", "-t", f"{tag}-{arch}", "."])
+        *label_args(), "-f", "Dockerfile", "-t", f"{tag}-{arch}", "."])
+
+
+def label_args():
+    """The OCI label values from git, as build args (what the Dockerfile reads) and as --label:
+    buildah 1.28 reuses a cached LABEL layer when only the build args behind it changed."""
+    values = {"VERSION": ("version", git("describe", "--tags", "--always", "--dirty") or "unknown"),
+              "REVISION": ("revision", git("rev-parse", "HEAD") or "unknown"),
+              "SOURCE": ("source", git("remote", "get-url", "origin"))}
+    args = []
+    for arg, (label, value) in values.items():
+        args += ["--build-arg", f"{arg}={value}", "--label", f"org.opencontainers.image.{label}={value}"]
+    return args
 
 
 def build_dev(tag, build_base):
