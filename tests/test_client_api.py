@@ -7,6 +7,7 @@ import glob
 import http.client
 import json
 import os
+import re
 import shutil
 import socket
 import subprocess
@@ -171,6 +172,18 @@ def test_verify_answers_invalid_for_tampered_proofs(server, proved):
             status, _, body = verify_json(server.port, bytes(damaged), public_inputs)
             assert (status, body) == (200, {"valid": False}), (field, byte, mask, body)
     assert server.leftovers() == []
+
+
+def test_verifications_are_counted(server, proved):
+    def count(outcome):
+        _, _, text = request(server.port, "GET", "/api/metrics")
+        m = re.search(rf'^bb_worker_verifications_total{{circuit="default",outcome="{outcome}"}} (\S+)$',
+                      text.decode(), re.M)
+        return float(m.group(1)) if m else 0.0
+    before = count("valid"), count("invalid")
+    verify_json(server.port, *proved)
+    verify_json(server.port, proved[0], expected()["valid_2.gz"]["public_inputs"])
+    assert (count("valid"), count("invalid")) == (before[0] + 1, before[1] + 1)
 
 
 @pytest.mark.parametrize("body, headers, words", [
