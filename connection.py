@@ -30,6 +30,7 @@ from gunicorn.workers import ggevent
 CONTINUE = b"HTTP/1.1 100 Continue\r\n\r\n"
 LINGER_SECONDS = 2.0  # after a refused body: time the client gets to read the reply before the close
 RECHECK_SECONDS = 0.25  # how often a readable socket (pipelined bytes, FIN) is looked at again
+PROBE_ANSWER_SECONDS = 0.02  # a closed client's reset comes back within a round trip
 
 _poll = monkey.get_original("select", "poll")  # the kernel's poll(2): it reports POLLRDHUP
 _GONE = select.POLLHUP | select.POLLERR | select.POLLNVAL
@@ -119,12 +120,12 @@ def watch_hangup(sock, http_version, on_hangup):
         poller = _poll()
         poller.register(fd, select.POLLIN | select.POLLRDHUP)
         probed = False
-        readable = False
+        delay = None  # None: wait until readable; then readable stays readable: look again later
         while True:
-            if readable:  # readable stays readable: look again from time to time
-                gevent.sleep(RECHECK_SECONDS)
-            else:
+            if delay is None:
                 wait_read(fd)
+            else:
+                gevent.sleep(delay)
             events = dict(poller.poll(0)).get(fd, 0)
             if events & _GONE:
                 break
@@ -137,7 +138,9 @@ def watch_hangup(sock, http_version, on_hangup):
                         sock.sendall(CONTINUE)
                     except OSError:
                         break
-            readable = bool(events & (select.POLLIN | select.POLLRDHUP))
+                    delay = PROBE_ANSWER_SECONDS
+                    continue
+            delay = RECHECK_SECONDS if events & (select.POLLIN | select.POLLRDHUP) else None
         on_hangup()
 
     return gevent.spawn(watch)

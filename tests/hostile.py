@@ -238,7 +238,8 @@ def main(argv=None):
     parser.add_argument("--honest", type=int, default=8)
     parser.add_argument("--witness", required=True, help="a valid gzipped witness for the served circuit")
     parser.add_argument("--proofs", required=True, help="directory for the honest clients' proofs")
-    parser.add_argument("--health-interval", type=float, default=0.02)
+    parser.add_argument("--health-interval", type=float, default=0.02,
+                        help="seconds between /api/health probes; 0: no probes")
     args = parser.parse_args(argv)
     with open(args.witness, "rb") as f:
         witness = f.read()
@@ -248,15 +249,17 @@ def main(argv=None):
     results = multiprocessing.get_context("spawn").Queue()
     prober = multiprocessing.get_context("spawn").Process(
         target=probe_health, args=(args.port, stop_at, args.health_interval, results))
-    prober.start()
+    if args.health_interval:
+        prober.start()
     clients = [Client(HOSTILE[i % len(HOSTILE)], args.port, witness, stop_at) for i in range(args.hostile)]
     honest = [Honest(args.port, witness, stop_at, args.proofs, i) for i in range(args.honest)]
     for client in clients + honest:
         client.thread.start()
     for client in clients + honest:
         client.thread.join(timeout=max(0, stop_at - time.monotonic()) + 150)
-    latencies, health_statuses = results.get(timeout=60)
-    prober.join(timeout=10)
+    latencies, health_statuses = results.get(timeout=60) if args.health_interval else ([], {})
+    if args.health_interval:
+        prober.join(timeout=10)
 
     hostile = {}
     for client in clients:

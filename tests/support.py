@@ -10,6 +10,7 @@ import signal
 import socket
 import subprocess
 import sys
+import threading
 import time
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -155,6 +156,38 @@ def descends_from(pid, root_pid, depth=64):
         if pid == root_pid:
             return True
     return False
+
+
+def children(pid):
+    """The pids (ints) of `pid`'s direct children; [] if it is gone."""
+    try:
+        with open(f"/proc/{pid}/task/{pid}/children") as f:
+            return [int(p) for p in f.read().split()]
+    except OSError:
+        return []
+
+
+class Sampler(threading.Thread):
+    """Every `interval` s: live bb processes, and the RSS of the gunicorn master plus workers.
+
+    master: the server's pid; bb: the bb binary's path. Call stop.set(), then join().
+    peak_bb, peak_rss (bytes) and samples (count) are read afterwards.
+    """
+
+    def __init__(self, master, bb, interval=0.01):
+        super().__init__(daemon=True)
+        self.master, self.bb, self.interval = master, bb, interval
+        self.stop = threading.Event()
+        self.peak_bb = self.peak_rss = self.samples = 0
+
+    def run(self):
+        while not self.stop.is_set():
+            bbs = set(bb_processes(self.bb, under=self.master))
+            server = [self.master] + [p for p in children(self.master) if p not in bbs]
+            self.peak_bb = max(self.peak_bb, len(bbs))
+            self.peak_rss = max(self.peak_rss, sum(rss_bytes(p) for p in server))
+            self.samples += 1
+            time.sleep(self.interval)
 
 
 def bb_processes(binary, under=None):

@@ -19,7 +19,7 @@ from collections import Counter
 import pytest
 
 from conftest import VALID, expected, fixture_bytes
-from support import bb_processes, rss_bytes
+from support import Sampler, bb_processes
 
 pytestmark = pytest.mark.stress
 
@@ -28,33 +28,6 @@ REQUESTS = 320
 MAX_BODY = 256 * 1024
 MAX_WITNESS = 8 * 1024 * 1024
 SERVER_RSS_LIMIT = 150 * 1024 * 1024
-
-
-def children(pid):
-    try:
-        with open(f"/proc/{pid}/task/{pid}/children") as f:
-            return [int(p) for p in f.read().split()]
-    except OSError:
-        return []
-
-
-class Sampler(threading.Thread):
-    """Every 10 ms: live bb processes, and the RSS of the gunicorn master plus workers."""
-
-    def __init__(self, master, bb):
-        super().__init__(daemon=True)
-        self.master, self.bb = master, bb
-        self.stop = threading.Event()
-        self.peak_bb = self.peak_rss = self.samples = 0
-
-    def run(self):
-        while not self.stop.is_set():
-            bbs = set(bb_processes(self.bb, under=self.master))
-            server = [self.master] + [p for p in children(self.master) if p not in bbs]
-            self.peak_bb = max(self.peak_bb, len(bbs))
-            self.peak_rss = max(self.peak_rss, sum(rss_bytes(p) for p in server))
-            self.samples += 1
-            time.sleep(0.01)
 
 
 def make_plan(rng):
