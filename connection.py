@@ -186,20 +186,28 @@ class HeadDeadline:
 
 
 class GeventWorker(ggevent.GeventWorker):
-    """gunicorn's gevent worker; request heads must arrive within `header_timeout` seconds."""
+    """gunicorn's gevent worker; request heads must arrive within `header_timeout` seconds.
+
+    A new connection's first request must arrive whole within `header_timeout` of the
+    accept (nginx's client_header_timeout); later ones may wait `keepalive` seconds to
+    begin. Silent connections so cannot hold the worker's places for long.
+    """
 
     header_timeout = 10.0  # gunicorn.conf.py sets HEADER_TIMEOUT_SECONDS
 
     def __init__(self, *args, **kwargs):
         super().__init__(*args, **kwargs)
-        self._clients = {}  # handler greenlet -> its client socket
+        self._clients = {}  # handler greenlet -> [its client socket, requests read so far]
 
     def handle(self, listener, client, addr):
-        self._clients[gevent.getcurrent()] = client
+        self._clients[gevent.getcurrent()] = [client, 0]
         try:
             super().handle(listener, client, addr)
         finally:
             self._clients.pop(gevent.getcurrent(), None)
 
     def timeout_ctx(self):
-        return HeadDeadline(self._clients[gevent.getcurrent()], self.cfg.keepalive, self.header_timeout)
+        state = self._clients[gevent.getcurrent()]
+        idle = self.header_timeout if state[1] == 0 else self.cfg.keepalive
+        state[1] += 1
+        return HeadDeadline(state[0], idle, self.header_timeout)

@@ -23,7 +23,7 @@ bind = [f"0.0.0.0:{settings.PORT}"]
 # connection.GeventWorker: gunicorn's gevent worker, plus a deadline for request heads.
 worker_class = "connection.GeventWorker"
 workers = settings.WEB_CONCURRENCY
-worker_connections = 256
+worker_connections = 1000  # gunicorn's default; idle connections cost a greenlet and a socket
 worker_tmp_dir = "/dev/shm" if os.path.isdir("/dev/shm") else None
 control_socket_disable = True  # no runtime control socket: nothing to manage, less to expose
 

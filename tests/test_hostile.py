@@ -235,7 +235,7 @@ def test_slow_uploads_do_not_take_the_places_of_complete_requests(start_server, 
     assert wait_for(lambda: request(srv.port, "POST", "/api/prove", WITNESS)[0] == 200)
 
 
-def test_trickled_headers_are_dropped_but_idle_keepalive_is_not(start_server, fake_bb):
+def test_trickled_headers_and_silent_connections_are_dropped_but_idle_keepalive_is_not(start_server, fake_bb):
     srv = start_server(BB_BINARY=fake_bb, HEADER_TIMEOUT_SECONDS=1)
     head = request_head("/api/health", {"X-Padding": "p" * 100}, method="GET")
     with connect(srv.port) as sock:
@@ -252,6 +252,9 @@ def test_trickled_headers_are_dropped_but_idle_keepalive_is_not(start_server, fa
             pass
         assert closed_by_server(sock, timeout=5)
         assert time.monotonic() - started < 4 and sent < len(head) - 1
+    with connect(srv.port) as sock:  # a connection that never sends a byte
+        started = time.monotonic()
+        assert closed_by_server(sock, timeout=5) and time.monotonic() - started < 4
     with connect(srv.port) as sock:  # KEEPALIVE_SECONDS (75 s) is longer than HEADER_TIMEOUT_SECONDS
         replies = Replies(sock)
         sock.sendall(head)
