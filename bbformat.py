@@ -69,6 +69,7 @@ WITNESS = "witness"   # the client's witness: 422
 CRS = "crs"           # the CRS is missing or too small (bb tried to download): 503 + Retry-After
 NO_SPACE = "no_space"  # ENOSPC/EDQUOT while bb wrote: 503
 FILES = "files"       # one of our own files is missing or unreadable: 503
+CONFIG = "config"     # bb rejects our arguments or settings (verifier target, CRS path): 500
 SIGNAL = "signal"     # bb was killed by a signal (abort, OOM kill, segfault): 500
 SERVER = "server"     # any other failure: ours, 500
 
@@ -80,8 +81,10 @@ SIGNATURES = (
     (NO_SPACE, (b"No space left on device", b"Disk quota exceeded")),
     (CRS, (b"crs.aztec-labs.com", b"g1_compressed.dat", b"HTTP request failed")),
     (FILES, (b"Failed to open file", b"Failed to open JSON file", b"Unable to open file",
-             b"Failed to write to file", b"verification key has wrong size",
-             b"Directory is actually a file")),
+             b"Failed to write to file", b"verification key has wrong size")),
+    (CONFIG, (b"Invalid proof system settings",  # e.g. -t starknet with bb 5's UltraHonk
+              b"Directory is actually a file",  # -c naming a file
+              b"Run with --help for more information")),  # any other argument bb refuses
     (WITNESS, (UNSATISFIED,
                b"does not match max witness index",  # witness of another circuit
                b"deserialize_msgpack",  # not a witness stack

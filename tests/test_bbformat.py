@@ -145,3 +145,10 @@ def test_classify_prefers_a_signal_and_defaults_to_ours():
     assert bbformat.classify(1, b"something new") == bbformat.SERVER
     assert bbformat.classify(1, b"Failed to write to file: x (No space left on device)") == bbformat.NO_SPACE
     assert bbformat.classify(1, b"HTTP request failed for http://crs.aztec-labs.com/g1_compressed.dat") == bbformat.CRS
+
+
+def test_a_verifier_target_bb_rejects_is_a_config_fault(bb, crs_dir, tmp_path):
+    code, err = run_bb(bb, "write_vk", "-b", DEMO, "-o", str(tmp_path), "-c", crs_dir, "-t", "starknet")
+    assert code != 0 and bbformat.classify(code, err) == bbformat.CONFIG, err
+    code, err = run_bb(bb, "write_vk", "-b", DEMO, "-o", str(tmp_path), "-c", os.path.join(crs_dir, bbformat.G1_FILE))
+    assert code != 0 and bbformat.classify(code, err) == bbformat.CONFIG, err
