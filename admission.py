@@ -9,7 +9,6 @@ by every worker process (503 after QUEUE_TIMEOUT_SECONDS). ProofSlots are lock
 files, so a killed worker leaks none.
 """
 import os
-import fcntl
 import logging
 import time
 from collections import deque
@@ -19,6 +18,7 @@ from gevent.event import Event
 from gevent.lock import BoundedSemaphore
 
 import observability
+import ownership
 from httperrors import ServiceUnavailable
 
 log = logging.getLogger("bb_worker")
@@ -99,7 +99,7 @@ class ProofQueue:
 
     @contextmanager
     def slot(self, ticket=None):
-        """Hold a proof slot for the `with` body.
+        """Hold a proof slot for the `with` body; yields its lock's descriptor (for bb to inherit).
 
         With a `ticket` (a proof request) the wait is measured (queued gauge, queue
         seconds) and the ticket leaves the queue once the slot is held. Raises Busy
@@ -122,7 +122,7 @@ class ProofQueue:
             if ticket is not None:
                 ticket.leave()
                 observability.QUEUE_SECONDS.observe(time.monotonic() - waited)
-            yield
+            yield token
         finally:
             self.slots.release(token)
 
@@ -158,7 +158,11 @@ class ProofSlots:
     """At most `count` proofs at once across every process sharing `lock_dir`.
 
     Each slot is a lock file held with flock(); the kernel releases it when its
-    holder exits, so a killed worker cannot leak a slot. Within a process waiters
+    holder exits, so a killed worker cannot leak a slot, and bb inherits it, so a
+    slot stays taken while its bb lives. The directory and files must be ours
+    (ownership.private_dir, ownership.lock_path: no symlinks, no other owner), and a
+    lock counts only while its path still names the locked file: removing the
+    directory while a proof runs cannot free that slot for a second bb. Within a process waiters
     line up first come, first served (only the oldest waiter polls the lock files,
     every `poll` seconds), so a newcomer cannot overtake a request that has waited
     longer; across worker processes the heads of the lines compete.
@@ -193,18 +197,11 @@ class ProofSlots:
 
     def _take(self, deadline, timeout):
         while True:
+            ownership.private_dir(self.lock_dir)
             for path in self.paths:
-                try:
-                    fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
-                except FileNotFoundError:
-                    os.makedirs(self.lock_dir, exist_ok=True)
-                    fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
-                try:
-                    fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-                except BlockingIOError:
-                    os.close(fd)
-                    continue
-                return fd
+                fd = ownership.lock_path(path)
+                if fd is not None:
+                    return fd
             if time.monotonic() >= deadline:
                 raise SlotTimeout(f"no proof slot free within {timeout:g} s")
             self._freed.clear()

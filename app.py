@@ -4,7 +4,9 @@ Drop-in for the Rust/Axum proving worker: same endpoints, same JSON.
 
     POST /api/prove[/<circuit>]  gzipped witness -> {"success": true, "proof": <base64>, "publicInputs": [...]}
                                  (or the raw proof when Accept prefers application/octet-stream)
-    GET  /api/health             -> {"status", "architecture", "bb": {...}, "verifier_target", "timestamp"}
+    GET  /api/health[/<circuit>] -> readiness: {"status", "architecture", "bb": {...}, "verifier_target",
+                                    "timestamp"[, "reasons"][, "circuits"]}; 503 when a proof cannot succeed
+    GET  /api/live               -> liveness: 200 while the process answers
     POST /api/verify[/<circuit>] {"proof": <base64>, "publicInputs": [...]} (or the raw proof with
                                  X-Public-Inputs) -> {"valid": true|false}, by bb verify with the served VK
     GET  /api/vk[/<circuit>]     -> {"vk": <base64>, "vk_hash", "bb_version", "verifier_target", "circuit"}
@@ -30,6 +32,9 @@ import uuid
 import zlib
 from collections import namedtuple
 
+import atexit
+import functools
+
 import gevent
 from gunicorn.http.errors import ParseException
 
@@ -37,6 +42,7 @@ import bbrunner
 import connection
 import correlation
 import observability
+import ownership
 import settings
 from admission import Busy, ProofQueue, ProofSlots, VerifyLimit
 from auth import TokenAuth
@@ -54,6 +60,8 @@ MAX_GZIP_MEMBERS = 4  # a witness is one gzip member (nargo, noir_js); a few con
 # X-Public-Inputs is sent only up to this length (45 public inputs): nginx's default buffer for a
 # whole upstream reply head is 4 KiB (proxy_buffer_size). Longer: see App.proof_reply.
 PUBLIC_INPUTS_HEADER_BYTES = 3072
+CRS_RETRY_AFTER_SECONDS = 30
+WARM_UP_MAX_DELAY_SECONDS = 30.0  # longest pause between two attempts to compute a failed VK
 
 
 # ---------------------------------------------------------------- errors
@@ -64,13 +72,20 @@ class ClientGone(Exception):
 
 # bbrunner error -> (the HTTPError answered, its message with {} for bb's reason, the metrics outcome).
 # The one place bb failures become statuses; a subclass takes its nearest listed base's row.
+# 422 ("rejected") is the witness's fault only; every other row is ours (server-side: Health.breaker).
 PROVER_ERRORS = {
     bbrunner.ProverFailed: (ProofFailed, "bb prove failed: {}", "rejected"),
     bbrunner.ProverTimeout: (ProofTimeout, "{}", "timeout"),
+    bbrunner.CrsUnavailable: (functools.partial(ServiceUnavailable, retry_after=CRS_RETRY_AFTER_SECONDS),
+                              "the CRS is unavailable: {}", "crs_unavailable"),
+    bbrunner.ResourceUnavailable: (ServiceUnavailable, "a server resource failed: {}", "unavailable"),
+    bbrunner.ServerFault: (HTTPError, "bb failed: {}", "server_error"),
     bbrunner.ProverUnavailable: (HTTPError, "bb is not available: {}", "unavailable"),
     bbrunner.ProverCrashed: (HTTPError, "bb crashed: {}", "crashed"),
     bbrunner.ProverError: (HTTPError, "bb crashed: {}", "crashed"),
 }
+# Whose fault an outcome is, for the access log and the breaker (a timeout may be either's).
+FAULTS = {"rejected": "client", "timeout": None}  # every other failure: "server"
 
 
 def prover_error(exc):
@@ -336,7 +351,7 @@ Limits.__doc__ = """Per-request limits: body bytes (compressed), witness bytes (
 seconds the body may stall (idle), seconds one bb verify may run, seconds for the whole body."""
 
 DEFAULT = "default"  # the circuit at /api/prove and /api/vk (CIRCUIT_PATH); also its metrics label
-CIRCUIT_PREFIXES = ("/api/prove/", "/api/verify/", "/api/vk/")
+CIRCUIT_PREFIXES = ("/api/prove/", "/api/verify/", "/api/vk/", "/api/health/")
 
 
 class App:
@@ -344,9 +359,11 @@ class App:
 
     circuits: dict name -> bbrunner.Circuit, "default" (served at /api/prove and
     /api/vk) plus named ones (at /api/prove/<name>, /api/vk/<name>), all sharing one
-    bbrunner.BB. queue: admission.ProofQueue. work_dir: where per-request witness
-    files and bb output live. limits: Limits. response_format: "json" or "binary",
-    the proof format when Accept does not choose.
+    bbrunner.BB. queue: admission.ProofQueue. work_dir: this worker's private directory
+    for per-request witness files and bb output (made mode 0700 when missing). limits:
+    Limits. response_format: "json" or "binary", the proof format when Accept does not
+    choose. start() (gunicorn's post_worker_init, else the first request) computes
+    the VKs in the background: until then /api/health answers 503 "starting".
     """
 
     def __init__(self, circuits, queue, work_dir, limits, response_format="json", verify_limit=None,
@@ -358,14 +375,16 @@ class App:
         self.cors = cors or CorsPolicy(None)
         self.trusted_proxies = correlation.TrustedProxies(trusted_proxies)
         self.openapi = openapi
-        self.health = Health(self.circuits[DEFAULT].bb)
+        self.health = Health(self.circuits[DEFAULT].bb, self.circuits, work_dir)
         self.work_dir = work_dir
+        self._warm_up = None  # the greenlet computing missing VKs
         self.limits = limits
         self.response_format = response_format
         self.named = sorted(name for name in self.circuits if name != DEFAULT)
         # (method, path) -> (handler, args): one rule per served circuit, built once.
         self.routes = {
             ("GET", "/api/health"): (self.get_health, ()),
+            ("GET", "/api/live"): (self.get_live, ()),
             ("GET", "/api/metrics"): (self.metrics, ()),
             ("GET", "/api/openapi.json"): (self.get_openapi, ()),
             ("GET", "/api/vk"): (self.vk, (DEFAULT,)),
@@ -374,13 +393,15 @@ class App:
         }
         self.endpoints = sorted({p for _, p in self.routes})
         for name in self.named:
+            self.routes[("GET", f"/api/health/{name}")] = (self.get_health, (name,))
             self.routes[("GET", f"/api/vk/{name}")] = (self.vk, (name,))
             self.routes[("POST", f"/api/prove/{name}")] = (self.prove, (name,))
             self.routes[("POST", f"/api/verify/{name}")] = (self.verify, (name,))
         if self.named:
-            self.endpoints += ["/api/prove/<circuit>", "/api/verify/<circuit>", "/api/vk/<circuit>"]
+            self.endpoints += ["/api/health/<circuit>", "/api/prove/<circuit>", "/api/verify/<circuit>",
+                               "/api/vk/<circuit>"]
         # Handlers anyone may call; every other route needs a token when tokens are set.
-        self.public = {self.get_health, self.get_openapi}
+        self.public = {self.get_health, self.get_live, self.get_openapi}
 
     # -- WSGI
 
@@ -409,6 +430,7 @@ class App:
         """Route one request and run its handler; return its Reply (errors rendered as JSON)."""
         request_id = environ["bb_worker.request_id"]
         method, path = environ.get("REQUEST_METHOD", "GET"), environ.get("PATH_INFO", "") or "/"
+        self.start()
         try:
             if self.cors.is_preflight(method, environ):
                 return self.preflight(environ, path)
@@ -438,12 +460,14 @@ class App:
         fields = {"request_id": request_id, "method": method, "path": path, "status": reply.status,
                   "bytes_in": environ.get("bb_worker.bytes_in", 0), "bytes_out": len(reply.body),
                   "duration_ms": round((time.monotonic() - started) * 1000, 1),
-                  "bb_exit_code": environ.get("bb_worker.bb_exit_code"), "client": client,
-                  "user_agent": environ.get("HTTP_USER_AGENT", "")[:256]}
-        access_log.info('%s %s %s %d in=%d out=%d ms=%.1f bb=%s client=%s ua="%s"', request_id, method,
-                        printable(path), reply.status,
+                  "bb_exit_code": environ.get("bb_worker.bb_exit_code"),
+                  "outcome": environ.get("bb_worker.outcome"), "fault": environ.get("bb_worker.fault"),
+                  "client": client, "user_agent": environ.get("HTTP_USER_AGENT", "")[:256]}
+        access_log.info('%s %s %s %d in=%d out=%d ms=%.1f bb=%s outcome=%s fault=%s client=%s ua="%s"',
+                        request_id, method, printable(path), reply.status,
                         fields["bytes_in"], fields["bytes_out"], fields["duration_ms"],
                         "-" if fields["bb_exit_code"] is None else fields["bb_exit_code"],
+                        fields["outcome"] or "-", fields["fault"] or "-",
                         printable(client), printable(fields["user_agent"]), extra=fields)
 
     def authenticate(self, environ):
@@ -477,11 +501,54 @@ class App:
             raise NotFound(f"no circuit named {name!r}", extra={"available_circuits": self.named})
         raise NotFound(f"no endpoint at {path}")
 
-    # -- GET /api/health
+    # -- start-up: the VKs, computed after the port is open
 
-    def get_health(self, environ, request_id):
+    def start(self):
+        """Compute missing VKs in a background greenlet (again whenever one goes missing); idempotent."""
+        if self._warm_up is None or self._warm_up.dead:
+            if any(not self._vk_ready(c) for c in self.circuits.values()):
+                self._warm_up = gevent.spawn(self.warm_up)
+
+    @staticmethod
+    def _vk_ready(circuit):
+        try:
+            return circuit.vk_cached()
+        except bbrunner.ProverError:
+            return False
+
+    def warm_up(self):
+        """Compute every circuit's VK, each on a proof slot; retry failures with a growing pause."""
+        delay = 1.0
+        while True:
+            missing = [(name, c) for name, c in self.circuits.items() if not self._vk_ready(c)]
+            if not missing:
+                return
+            for name, circuit in missing:
+                try:
+                    with self.queue.slot():
+                        circuit.ensure_vk()
+                    log.info("circuit %s: VK ready (bb %s)", name, circuit.version())
+                except (bbrunner.ProverError, ServiceUnavailable) as exc:
+                    log.error("circuit %s: the verification key could not be computed: %s", name,
+                              getattr(exc, "message", exc))
+            gevent.sleep(delay)
+            delay = min(delay * 2, WARM_UP_MAX_DELAY_SECONDS)
+
+    # -- GET /api/health[/<circuit>], GET /api/live
+
+    def get_health(self, environ, request_id, name=None):
+        """Readiness: 503 with the reasons whenever a proof (of circuit `name`) cannot succeed."""
         ready, payload = self.health.check()
+        if name is not None:
+            circuit = payload.get("circuits", {}).get(name, {"ready": ready, "reasons": payload.get("reasons", [])})
+            payload.update(circuit=name, status="ok" if circuit["ready"] else payload["status"])
+            payload["reasons"] = circuit["reasons"]
+            ready = circuit["ready"]
         return json_reply(200 if ready else 503, payload)
+
+    def get_live(self, environ, request_id):
+        """Liveness: 200 while this process answers requests."""
+        return json_reply(200, self.health.live())
 
     # -- GET /api/openapi.json
 
@@ -527,6 +594,11 @@ class App:
         max_body = self.limits.max_body_bytes
         if length.isdigit() and int(length) > max_body:
             raise PayloadTooLarge(f"request body is {length} bytes; the limit is {max_body}")
+        problems = self.health.circuit_problems(name)
+        if problems:
+            environ["bb_worker.outcome"], environ["bb_worker.fault"] = "not_ready", "server"
+            observability.PROOFS.labels(name, "not_ready").inc()
+            raise ServiceUnavailable(problems[0], retry_after=self.retry_after(problems))
         files = uuid.uuid4().hex  # never the request id: clients choose that
         witness = os.path.join(self.work_dir, f"{files}.witness.gz")
         outdir = os.path.join(self.work_dir, f"{files}.out")
@@ -538,8 +610,8 @@ class App:
                     ticket.uploaded()
                     watcher = connection.watch_hangup(environ.get("gunicorn.socket"), environ.get("SERVER_PROTOCOL"),
                                                       hangup(gevent.getcurrent()))
-                    with self.queue.slot(ticket):
-                        result = self.run_bb(environ, request_id, name, witness, outdir)
+                    with self.queue.slot(ticket) as slot:
+                        result = self.run_bb(environ, request_id, name, witness, outdir, slot)
                 finally:
                     remove(witness, outdir)  # first: a ClientGone may still land below
                     if watcher is not None:
@@ -571,6 +643,12 @@ class App:
         return json_reply(200, {"success": True, "proof": base64.b64encode(result.proof).decode(),
                                 "publicInputs": result.public_inputs})
 
+    def retry_after(self, problems):
+        """Retry-After seconds (int) for a 503 answered because of `problems` (list of str)."""
+        if any(p.startswith("CRS") for p in problems):
+            return CRS_RETRY_AFTER_SECONDS
+        return self.health.breaker.retry_after() if self.health.breaker.open() else 5
+
     # -- POST /api/verify[/<circuit>]
 
     def verify(self, environ, request_id, name):
@@ -591,7 +669,7 @@ class App:
                     with self.queue.slot():
                         circuit.ensure_vk()
                 try:
-                    os.makedirs(self.work_dir, mode=0o700, exist_ok=True)
+                    ownership.private_dir(self.work_dir)
                     os.mkdir(workdir, 0o700)
                     for file_name, data in (("proof", proof), ("public_inputs", public_inputs)):
                         with open(os.open(os.path.join(workdir, file_name),
@@ -620,7 +698,7 @@ class App:
     def receive(self, environ, request_id, witness, outdir):
         """Stream the body to `witness`, checked as gzip; create `outdir` for bb."""
         try:
-            os.makedirs(self.work_dir, mode=0o700, exist_ok=True)
+            ownership.private_dir(self.work_dir)
             os.mkdir(outdir, 0o700)
             sink = WitnessSink(witness, self.limits.max_body_bytes, self.limits.max_witness_bytes)
         except OSError as exc:
@@ -638,18 +716,30 @@ class App:
             environ["bb_worker.bytes_in"] = sink.received
             observability.RECEIVED.inc(sink.received)
 
-    def run_bb(self, environ, request_id, name, witness, outdir):
-        """Prove `witness` with circuit `name` (the caller holds a slot); map failures and count them."""
+    def run_bb(self, environ, request_id, name, witness, outdir, slot=None):
+        """Prove `witness` with circuit `name`; map failures, count them, feed the breaker.
+
+        The caller holds a proof slot; `slot` (its lock's descriptor) is passed on to bb.
+        """
         started = time.monotonic()
         try:
             with observability.IN_FLIGHT.track_inprogress():
-                result = self.circuits[name].prove(witness, outdir)
+                result = self.circuits[name].prove(witness, outdir, keep_fds=() if slot is None else (slot,))
         except bbrunner.ProverError as exc:
             environ["bb_worker.bb_exit_code"] = exc.returncode
             error, outcome = prover_error(exc)
+            fault = FAULTS.get(outcome, "server")
+            environ["bb_worker.outcome"], environ["bb_worker.fault"] = outcome, fault
             observability.PROOFS.labels(name, outcome).inc()
-            log.warning("request %s: %s: %s", request_id, type(exc).__name__, exc)
+            if outcome == "rejected":
+                self.health.breaker.success()  # bb and its resources worked: the witness was wrong
+            elif fault == "server" and self.health.breaker.failure(
+                    str(exc), trip=isinstance(exc, bbrunner.CrsUnavailable)):
+                log.error("request %s: server-side failures: /api/health answers 503 for a while", request_id)
+            log.warning("request %s: %s (%s fault): %s", request_id, type(exc).__name__, fault, exc)
             raise error from None
+        self.health.breaker.success()
+        environ["bb_worker.outcome"] = "success"
         environ["bb_worker.bb_exit_code"] = 0
         observability.PROVE_SECONDS.labels(name).observe(time.monotonic() - started)
         observability.PROOFS.labels(name, "success").inc()
@@ -678,6 +768,21 @@ def remove(*paths):
                 pass
 
 
+def worker_dir():
+    """This worker's private directory (str): `w<pid>` in the server's run directory.
+
+    gunicorn.conf.py makes the run directory (ownership.ServerDir) and names it in
+    the environment; a process started otherwise makes one of its own in TMPDIR,
+    removed at exit.
+    """
+    run_dir = os.environ.get(ownership.RUN_DIR_ENV)
+    if not run_dir:
+        own = ownership.ServerDir.create(settings.TMPDIR)
+        atexit.register(own.remove)
+        run_dir = own.path
+    return os.path.join(run_dir, f"w{os.getpid()}")
+
+
 def create_app():
     """Build the App from settings.py: one BB, one Circuit per settings.CIRCUITS entry."""
     bb = bbrunner.BB(**settings.BB_OPTIONS)
@@ -689,7 +794,7 @@ def create_app():
                     settings.UPLOAD_DEADLINE_SECONDS)
     with open(OPENAPI_PATH, "rb") as f:
         openapi = f.read()
-    return App(circuits, queue, settings.WORK_DIR, limits, settings.PROOF_RESPONSE_FORMAT,
+    return App(circuits, queue, worker_dir(), limits, settings.PROOF_RESPONSE_FORMAT,
                verify_limit=VerifyLimit(settings.VERIFY_CONCURRENCY),
                auth=TokenAuth(settings.API_TOKENS, settings.API_TOKENS_FILE),
                cors=CorsPolicy(settings.CORS_ALLOW_ORIGINS), trusted_proxies=settings.FORWARDED_ALLOW_IPS,

@@ -10,7 +10,11 @@ or noir_js `execute()` write, and bb writes UltraHonk proofs as raw bytes.
 
 bb runs as a child process with a fixed argument list, in its own process
 group, through gevent's subprocess module so a gevent worker keeps serving
-while it runs. Failures are raised as ProverError subclasses.
+while it runs; it dies with the process that started it (child_setup), and its
+output goes to unlinked temp files, never pipes, so a descendant that keeps a
+pipe open cannot hold a finished run. Failures are raised as ProverError
+subclasses, told apart by bb's messages (bbformat.classify): the witness's fault
+(ProverFailed) or ours (ServerFault and its subclasses, ProverCrashed).
 """
 import errno
 import fcntl
@@ -20,6 +24,7 @@ import re
 import shutil
 import signal
 import struct
+import tempfile
 import time
 from collections import namedtuple
 
@@ -27,13 +32,18 @@ import gevent
 from gevent import subprocess
 from gevent.lock import Semaphore
 
+import bbformat
+import ownership
+
 # bb prints this (and exits 0) when a witness does not satisfy the circuit's
 # constraints; the proof it still writes would not verify.
-UNSATISFIED_MARKER = "Builder failure when we have real witnesses"
+UNSATISFIED_MARKER = bbformat.UNSATISFIED.decode()
 FIELD_BYTES = 32  # BN254 scalar field element, big-endian, in bb's public_inputs file
 KILL_WAIT_SECONDS = 5.0
 BB_NICE = 10  # bb's CPU priority below the server's (os.nice increment, 0..19)
 VERSION_TIMEOUT_SECONDS = 30.0
+OUTPUT_KEEP_BYTES = 512 * 1024  # of each of bb's stdout and stderr: the first and the last this many
+DEFAULT_CRS_DIR = os.path.expanduser("~/.bb-crs")  # bb's own default for -c
 VERSION_RETRY_SECONDS = 10.0  # after a failed `bb --version`, status() waits this long to run it again
 
 
@@ -68,6 +78,20 @@ class ProverCrashed(BBExited):
     """bb died from a signal or exited without writing its output files."""
 
 
+class ServerFault(BBExited):
+    """bb failed for a reason of ours, not the witness's: a setting bb rejects, or a failure we
+    cannot place (bbformat.CONFIG, bbformat.SERVER)."""
+
+
+class ResourceUnavailable(ServerFault):
+    """A resource of ours that bb needs failed: disk space, or one of our files
+    (bbformat.NO_SPACE, bbformat.FILES). Passing: retry later."""
+
+
+class CrsUnavailable(ResourceUnavailable):
+    """bb could not read enough CRS points and tried to download them (bbformat.CRS)."""
+
+
 class ProverTimeout(ProverError):
     """bb did not finish within the deadline; its process group was killed."""
 
@@ -83,38 +107,64 @@ element of bb's `public_inputs` file, in circuit order.
 
 # ---------------------------------------------------------------- processes
 
-def run(argv, timeout):
+def run(argv, timeout, scratch=None, keep_fds=()):
     """Run `argv` (a list of str, never through a shell); return (returncode, stdout, stderr).
 
-    The child gets no stdin and its own session/process group. On timeout
-    (seconds) or any exception (a gevent Timeout or kill included) the whole
-    group gets SIGKILL and is reaped before the exception propagates.
-    Raises ProverUnavailable if the program cannot start, ProverTimeout on expiry.
+    The child gets no stdin, its own session/process group, child_setup(), and
+    unlinked temp files in `scratch` (a directory; default: tempfile's) as stdout
+    and stderr, returned as bytes (at most the first and last OUTPUT_KEEP_BYTES of
+    each). keep_fds: descriptors the child inherits (the proof slot's lock, so the
+    slot stays taken while bb lives). When it exits, and on timeout (seconds) or any
+    exception (a gevent Timeout or kill included), the whole group gets SIGKILL, so
+    no descendant outlives the run. Raises ProverUnavailable if the program cannot
+    start or the temp files cannot be made, ProverTimeout on expiry.
     """
+    parent = os.getpid()
     try:
-        proc = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
-                                stderr=subprocess.PIPE, start_new_session=True, close_fds=True,
-                                preexec_fn=child_setup)
+        out = tempfile.TemporaryFile(dir=scratch)
+        err = tempfile.TemporaryFile(dir=scratch)
     except OSError as exc:
-        raise ProverUnavailable(f"cannot run {os.path.basename(argv[0])}: {exc.strerror}") from None
-    try:
-        out, err = proc.communicate(timeout=timeout)
-    except subprocess.TimeoutExpired:
-        kill_group(proc)
-        raise ProverTimeout(f"bb did not finish within {timeout:g} s") from None
-    except BaseException:
-        kill_group(proc)
-        raise
-    return proc.returncode, out, err
+        raise ProverUnavailable(f"cannot make bb's output files in {scratch}: {exc.strerror}") from None
+    with out, err:
+        try:
+            proc = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=out, stderr=err,
+                                    start_new_session=True, close_fds=True, pass_fds=tuple(keep_fds),
+                                    preexec_fn=lambda: child_setup(parent))
+        except (OSError, subprocess.SubprocessError) as exc:
+            raise ProverUnavailable(f"cannot run {os.path.basename(argv[0])}: "
+                                    f"{getattr(exc, 'strerror', None) or exc}") from None
+        try:
+            proc.wait(timeout=timeout)
+        except subprocess.TimeoutExpired:
+            kill_group(proc)
+            raise ProverTimeout(f"bb did not finish within {timeout:g} s") from None
+        except BaseException:
+            kill_group(proc)
+            raise
+        kill_group(proc)  # descendants bb left behind
+        return proc.returncode, _read_kept(out), _read_kept(err)
 
 
-def child_setup():
+def _read_kept(f):
+    size = f.seek(0, os.SEEK_END)
+    f.seek(0)
+    if size <= 2 * OUTPUT_KEEP_BYTES:
+        return f.read()
+    head = f.read(OUTPUT_KEEP_BYTES)
+    f.seek(size - OUTPUT_KEEP_BYTES)
+    return head + b"\n...\n" + f.read()
+
+
+def child_setup(parent_pid):
     """In the child, between fork and exec: the one place bb's process settings are made.
 
-    bb runs at nice BB_NICE: the server's own processes come first, so health checks
-    and uploads are answered at once while bb saturates the cores; a lone proof
-    loses nothing (no other process wants the CPU).
+    parent_pid: the pid of the worker starting bb; bb gets SIGKILL when that process
+    dies (ownership.die_with_parent), so a killed worker leaves no bb. bb runs at
+    nice BB_NICE: the server's own processes come first, so health checks and
+    uploads are answered at once while bb saturates the cores; a lone proof loses
+    nothing (no other process wants the CPU).
     """
+    ownership.die_with_parent(parent_pid)
     os.nice(BB_NICE)
 
 
@@ -161,6 +211,38 @@ def failure_reason(stderr, hide=()):
         if path:
             reason = reason.replace(path, os.path.basename(path))
     return reason[:300]
+
+
+_KINDS = {bbformat.WITNESS: ProverFailed, bbformat.CRS: CrsUnavailable, bbformat.NO_SPACE: ResourceUnavailable,
+          bbformat.FILES: ResourceUnavailable, bbformat.CONFIG: ServerFault, bbformat.SERVER: ServerFault,
+          bbformat.SIGNAL: ProverCrashed}
+
+
+def bb_error(returncode, stderr, hide=(), witness=True, prefix=""):
+    """The BBExited subclass instance for a bb run that failed, by whose fault (bbformat.classify).
+
+    returncode: bb's exit status (negative: the signal). stderr: bytes. hide: paths
+    shown by base name only (failure_reason). witness: False for runs without a
+    witness (write_vk), where nothing can be the client's fault. prefix: put before
+    the reason (e.g. "bb write_vk failed: ").
+    """
+    kind = bbformat.classify(returncode, stderr)
+    if kind == bbformat.SIGNAL:
+        try:
+            name = signal.Signals(-returncode).name
+        except ValueError:  # real-time signals have no name
+            name = str(-returncode)
+        reason = f"bb was killed by signal {name}"
+    elif kind == bbformat.WITNESS and bbformat.UNSATISFIED in stderr and returncode == 0:
+        reason = "the witness does not satisfy the circuit's constraints"
+    elif kind == bbformat.CRS:
+        reason = "the CRS lacks points bb needs (it tried to download them): " + failure_reason(stderr, hide)
+    else:
+        reason = failure_reason(stderr, hide)
+    cls = _KINDS[kind]
+    if cls is ProverFailed and not witness:
+        cls = ServerFault
+    return cls(returncode, prefix + reason)
 
 
 def parse_public_inputs(data):
@@ -315,10 +397,10 @@ class BB:
             argv += ["-c", self.crs_dir]
         return argv
 
-    def run(self, command, *args, timeout=None):
+    def run(self, command, *args, timeout=None, scratch=None, keep_fds=()):
         """Run `bb command *args` (see argv()) within `timeout` seconds (default: this BB's);
-        return (returncode, stdout, stderr)."""
-        return run(self.argv(command, *args), timeout or self.timeout)
+        return (returncode, stdout, stderr). scratch, keep_fds: as for run()."""
+        return run(self.argv(command, *args), timeout or self.timeout, scratch, keep_fds)
 
 
 # ---------------------------------------------------------------- one circuit
@@ -338,6 +420,7 @@ class Circuit:
             self.sha256 = hashlib.sha256(f.read()).hexdigest()
         self._vk_cache = None  # (vk path, vk bytes, vk_hash bytes)
         self._vk_lock = Semaphore()
+        self.vk_error = None  # why the last attempt to compute the VK failed (str), until one succeeds
 
     @property
     def verifier_target(self):
@@ -367,18 +450,23 @@ class Circuit:
             return vk
         with self._vk_lock:
             try:
-                os.makedirs(self.vk_cache_dir, exist_ok=True)
-                lock = os.open(os.path.join(self.vk_cache_dir, ".lock"), os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o644)
+                os.makedirs(os.path.dirname(self.vk_cache_dir), exist_ok=True)
+                ownership.private_dir(self.vk_cache_dir, allow_root=True, mode=0o755)  # an image ships it
+                lock = ownership.open_private(os.path.join(self.vk_cache_dir, ".lock"), os.O_RDWR | os.O_CREAT)
             except OSError as exc:
-                raise ProverUnavailable(
-                    f"cannot write the verification key cache {self.vk_cache_dir}: {exc.strerror} "
-                    "(set VK_CACHE_DIR to a writable directory, or bake the VK in)") from None
+                self.vk_error = (f"cannot write the verification key cache {self.vk_cache_dir}: {exc.strerror} "
+                                 "(set VK_CACHE_DIR to a writable directory, or bake the VK in)")
+                raise ProverUnavailable(self.vk_error) from None
             try:
                 _flock(lock, time.monotonic() + self.bb.timeout)
                 if not os.path.exists(vk):
                     self._write_vk(target)
+            except ProverError as exc:
+                self.vk_error = f"the verification key could not be computed: {exc}"
+                raise
             finally:
                 os.close(lock)
+        self.vk_error = None
         return vk
 
     def vk_cached(self):
@@ -393,9 +481,10 @@ class Circuit:
         vk = self.ensure_vk()
         if self._vk_cache is None or self._vk_cache[0] != vk:
             try:
-                with open(vk, "rb") as f:
+                with open(ownership.open_private(vk, allow_root=True), "rb") as f:
                     data = f.read()
-                with open(os.path.join(os.path.dirname(vk), "vk_hash"), "rb") as f:
+                with open(ownership.open_private(os.path.join(os.path.dirname(vk), "vk_hash"), allow_root=True),
+                          "rb") as f:
                     digest = f.read()
             except OSError as exc:
                 raise ProverUnavailable(f"cannot read the verification key: {exc.strerror}") from None
@@ -404,44 +493,71 @@ class Circuit:
 
     def _write_vk(self, target):
         """Run `bb write_vk` into a temp dir and move it to `target` (caller holds the lock)."""
-        tmp = f"{target}.tmp-{os.getpid()}"
+        tmp = None
         try:
-            os.makedirs(tmp, exist_ok=True)
-            code, _, err = self.bb.run("write_vk", "-b", self.path, "-o", tmp)
-            if code != 0 or not os.path.exists(os.path.join(tmp, "vk")):
-                reason = failure_reason(err, hide=(tmp, self.path))
-                raise ProverCrashed(code, f"bb write_vk failed: {reason}")
+            tmp = tempfile.mkdtemp(prefix=os.path.basename(target) + ".tmp-", dir=self.vk_cache_dir)
+            os.chmod(tmp, 0o755)  # readable like the cache: an image's server user reads what the build wrote
+            code, _, err = self.bb.run("write_vk", "-b", self.path, "-o", tmp, scratch=tmp)
+            if code != 0:
+                target_flag = f" -t {self.verifier_target}" if self.verifier_target else ""
+                raise bb_error(code, err, (tmp, self.path), witness=False,
+                               prefix=f"bb write_vk{target_flag} failed: ")
+            if not os.path.exists(os.path.join(tmp, "vk")):
+                raise ProverCrashed(code, "bb write_vk failed: it exited 0 without writing the vk")
             shutil.rmtree(target, ignore_errors=True)  # a partial one, e.g. `vk` removed by a cleaner
             os.replace(tmp, target)
         except OSError as exc:
             raise ProverUnavailable(f"cannot write the verification key: {exc.strerror}") from None
         finally:
-            shutil.rmtree(tmp, ignore_errors=True)
+            if tmp is not None:
+                shutil.rmtree(tmp, ignore_errors=True)
+
+    def problems(self):
+        """Why a proof of this circuit cannot succeed now (list of str; empty: it can).
+
+        Cheap: a few stat() calls, the VK read once. "starting: ..." until the VK is
+        computed; then the CRS must hold the 2^k G1 points the VK's circuit size k
+        needs (bbformat). Says nothing while bb itself is unusable (health.py reports
+        that).
+        """
+        try:
+            vk = os.path.join(self.vk_dir(), "vk")
+        except ProverError:
+            return []
+        if not os.path.exists(vk):
+            return [self.vk_error or "starting: the verification key is being computed"]
+        try:
+            log_n = bbformat.vk_log_circuit_size(self.vk_bytes()[0])
+        except (ProverError, ValueError) as exc:
+            return [f"the verification key is unusable: {exc}"]
+        crs = self.bb.crs_dir or DEFAULT_CRS_DIR
+        try:
+            points = bbformat.crs_info(crs).points
+        except OSError as exc:
+            return [f"CRS unavailable: {crs}: {exc.strerror}"]
+        need = bbformat.crs_points_needed(log_n)
+        if points < need:
+            return [f"CRS too small: {crs} holds {points} G1 points; this circuit (2^{log_n} rows) needs {need}"]
+        return []
 
     # -- proving
 
-    def prove(self, witness_path, workdir):
+    def prove(self, witness_path, workdir, keep_fds=()):
         """Prove one witness; return a Proof.
 
         witness_path: the gzipped witness (Noir 1.0.0-beta.26 witness stack).
         workdir: an empty directory bb may write into (the caller removes it).
-        Raises ProverFailed (bb rejected the witness), ProverTimeout,
+        keep_fds: descriptors bb inherits (the proof slot's lock).
+        Raises ProverFailed (the witness's fault: bb rejected it), ProverTimeout,
+        ServerFault (ours; CrsUnavailable and ResourceUnavailable among them),
         ProverCrashed (signal, or no output) or ProverUnavailable.
         Steps: the VK, `bb prove`, its exit status and stderr, its output files.
         """
         vk = self.ensure_vk()
-        code, _, err = self.bb.run("prove", "-b", self.path, "-w", witness_path, "-k", vk, "-o", workdir)
-        hide = (workdir, witness_path, self.path, vk, self.bb.crs_dir or "")
-        if code < 0:
-            try:
-                name = signal.Signals(-code).name
-            except ValueError:  # real-time signals have no name
-                name = str(-code)
-            raise ProverCrashed(code, f"bb was killed by signal {name}")
-        if code != 0:
-            raise ProverFailed(code, failure_reason(err, hide))
-        if UNSATISFIED_MARKER.encode() in err:
-            raise ProverFailed(code, "the witness does not satisfy the circuit's constraints")
+        code, _, err = self.bb.run("prove", "-b", self.path, "-w", witness_path, "-k", vk, "-o", workdir,
+                                   scratch=workdir, keep_fds=keep_fds)
+        if code != 0 or bbformat.UNSATISFIED in err:
+            raise bb_error(code, err, (workdir, witness_path, self.path, vk, self.bb.crs_dir or ""))
         return read_proof(workdir, code)
 
     # -- verifying
@@ -496,13 +612,6 @@ def read_proof(workdir, returncode=0):
     except (OSError, ValueError) as exc:
         raise ProverCrashed(returncode, f"bb exited 0 without usable output: {exc}") from None
     return Proof(proof, public_inputs)
-
-
-def vk_log_size(vk):
-    """k for a circuit of dyadic size 2^k: the first 32-byte big-endian field of bb 5's binary VK (bytes)."""
-    if len(vk) < FIELD_BYTES:
-        raise ValueError("too short to be a bb verification key")
-    return int.from_bytes(vk[:FIELD_BYTES], "big")
 
 
 def _flock(fd, deadline):

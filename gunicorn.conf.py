@@ -24,7 +24,7 @@ bind = [f"0.0.0.0:{settings.PORT}"]
 worker_class = "connection.GeventWorker"
 workers = settings.WEB_CONCURRENCY
 worker_connections = 1000  # gunicorn's default; idle connections cost a greenlet and a socket
-worker_tmp_dir = "/dev/shm" if os.path.isdir("/dev/shm") else None
+worker_tmp_dir = settings.SHM_DIR
 control_socket_disable = True  # no runtime control socket: nothing to manage, less to expose
 
 # ---------------------------------------------------------------- timeouts
@@ -77,47 +77,72 @@ if settings.LOG_FORMAT == "json":  # LOG_FORMAT=json: one JSON object per line, 
 pre_request = connection.pre_request
 post_request = connection.post_request
 
+_run_dir = None  # this server's ownership.ServerDir (master)
+_metrics_lock = None  # descriptor holding PROMETHEUS_MULTIPROC_DIR for this server
+
 
 def on_starting(server):
-    """In the master, before any worker: clear stale files, set up metrics, compute the VKs once."""
-    import shutil
+    """In the master, before any worker: this server's run directory, stale files, metrics.
+
+    The VKs are not computed here: workers compute them after the port is open
+    (app.App.start), and /api/health answers 503 "starting" meanwhile.
+    """
+    global _run_dir, _metrics_lock
+    import fcntl
+    import glob
     import tempfile
 
-    shutil.rmtree(settings.WORK_DIR, ignore_errors=True)  # leftovers of a SIGKILLed run
+    import ownership
+
+    # Files: a private run directory per server, held by a lock its workers inherit;
+    # the directories of servers that are gone (SIGKILLed) are removed, never a live one's.
+    for path in ownership.clean_stale(settings.TMPDIR):
+        server.log.info("removed %s, left by a server that is gone", path)
+    _run_dir = ownership.ServerDir.create(settings.TMPDIR)
+    os.environ[ownership.RUN_DIR_ENV] = _run_dir.path
     # Metrics: with one worker prometheus_client's in-process registry is exact. With
     # several, its multiprocess mode: each worker writes samples to mmap'ed files that
     # /api/metrics merges. They live in RAM (/dev/shm) in a directory of this server's
     # own, never in TMPDIR: a full TMPDIR would SIGBUS a worker writing an mmap'ed page.
-    if settings.WEB_CONCURRENCY > 1 and not os.environ.get("PROMETHEUS_MULTIPROC_DIR"):
-        os.environ["PROMETHEUS_MULTIPROC_DIR"] = tempfile.mkdtemp(
-            prefix="bb-worker-metrics-", dir="/dev/shm" if os.path.isdir("/dev/shm") else None)
+    if settings.PROMETHEUS_MULTIPROC_DIR:  # given: ours alone while we run, emptied at start
+        _metrics_lock = os.open(os.path.join(settings.PROMETHEUS_MULTIPROC_DIR, ".bb-worker.lock"),
+                                os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW, 0o600)
+        try:
+            fcntl.flock(_metrics_lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            sys.exit(f"bb-worker: bad configuration: PROMETHEUS_MULTIPROC_DIR={settings.PROMETHEUS_MULTIPROC_DIR!r} "
+                     "is in use by another running server")
+        for path in glob.glob(os.path.join(settings.PROMETHEUS_MULTIPROC_DIR, "*.db")):
+            os.unlink(path)
+    elif settings.WEB_CONCURRENCY > 1:
+        os.environ["PROMETHEUS_MULTIPROC_DIR"] = tempfile.mkdtemp(prefix="bb-worker-metrics-", dir=settings.SHM_DIR)
 
     import bbrunner
 
-    bb = bbrunner.BB(**settings.BB_OPTIONS)
-    status = bb.status()
+    status = bbrunner.BB(**settings.BB_OPTIONS).status()
     if not status.available:
         server.log.warning("bb is not available (%s): /api/health answers 503", status.detail)
-        return
-    for name, path in settings.CIRCUITS.items():
-        try:
-            vk = bbrunner.Circuit(bb, path, settings.VK_CACHE_DIR).ensure_vk()
-        except bbrunner.ProverError as exc:  # logged; the first request for it will retry
-            server.log.error("circuit %s: could not compute the verification key: %s", name, exc)
-        else:
-            server.log.info("circuit %s: bb %s ready, VK at %s", name, status.version, vk)
+
+
+def post_worker_init(worker):
+    """In each worker, once the app is loaded: compute missing VKs in the background."""
+    worker.wsgi.start()
 
 
 def child_exit(server, worker):
-    """Drop a dead worker's live metrics (in-flight and queued gauges)."""
+    """Drop a dead worker's live metrics (in-flight and queued gauges) and its files."""
     import observability
 
     observability.worker_exited(worker.pid)
+    if _run_dir is not None:  # a worker killed mid-proof leaves its witness; its bb died with it
+        _run_dir.remove_worker(worker.pid)
 
 
 def on_exit(server):
-    """Remove this server's multiprocess metrics files."""
+    """Remove this server's run directory and multiprocess metrics files."""
     import shutil
 
+    if _run_dir is not None:
+        _run_dir.remove()
     if os.path.basename(os.environ.get("PROMETHEUS_MULTIPROC_DIR", "")).startswith("bb-worker-metrics-"):
         shutil.rmtree(os.environ["PROMETHEUS_MULTIPROC_DIR"], ignore_errors=True)

@@ -23,6 +23,7 @@ import tempfile
 import time
 
 RUN_PREFIX = "bb-worker-run-"
+RUN_DIR_ENV = "BB_WORKER_RUN_DIR"  # gunicorn.conf.py names the server's run directory here for its workers
 OWNER_LOCK = "owner.lock"
 STALE_GRACE_SECONDS = 60.0  # a run dir without its lock file is removed only when older than this
 PR_SET_PDEATHSIG = 1  # <linux/prctl.h>
@@ -47,14 +48,15 @@ def _check(path, st, kind, allow_root):
         raise UnsafePath(path, f"is writable by other users (mode {stat.S_IMODE(st.st_mode):04o})")
 
 
-def private_dir(path, allow_root=False):
-    """Create `path` (mode 0700) or accept it as it is if it is safely ours; return `path`.
+def private_dir(path, allow_root=False, mode=0o700):
+    """Create `path` (with `mode`, 0700 by default) or accept it as it is if it is safely ours; return `path`.
 
     allow_root: also accept a directory owned by root (a cache baked into an image).
-    Raises UnsafePath (a PermissionError) or another OSError.
+    mode: for a directory others may read (a cache an image ships), 0755; never
+    writable by others. Raises UnsafePath (a PermissionError) or another OSError.
     """
     try:
-        os.mkdir(path, 0o700)
+        os.mkdir(path, mode & 0o755)
     except FileExistsError:
         pass
     _check(path, os.lstat(path), stat.S_IFDIR, allow_root)

@@ -167,6 +167,8 @@ BB_BINARY = os.path.abspath(_raw("BB_BINARY", os.path.join(APP_DIR, ".bb", "bb")
 BB_CRS_PATH = _directory("BB_CRS_PATH", None)
 VERIFIER_TARGET = _choice("VERIFIER_TARGET", "", ("",) + VERIFIER_TARGETS) or None
 PROVE_TIMEOUT_SECONDS = _seconds("PROVE_TIMEOUT_SECONDS", 90)
+# bb's own variable, passed through to bb: bb aborts (SIGABRT) on every run when it is not a number.
+HARDWARE_CONCURRENCY = _int("HARDWARE_CONCURRENCY", 0, 1, 4096) if _raw("HARDWARE_CONCURRENCY", None) else None
 
 # Optional: serve every <name>.json in this directory at /api/prove/<name> too.
 CIRCUITS_DIR = _directory("CIRCUITS_DIR", None)
@@ -202,10 +204,17 @@ LOG_FORMAT = _choice("LOG_FORMAT", "text", ("text", "json"))
 LOG_LEVEL = _choice("LOG_LEVEL", "info", ("debug", "info", "warning", "error", "critical"))
 
 # ---------------------------------------------------------------- files
-TMPDIR = _writable_directory("TMPDIR", "/tmp")
-WORK_DIR = os.path.join(TMPDIR, "bb-proofs")
+TMPDIR = _writable_directory("TMPDIR", "/tmp")  # each server's files: ownership.ServerDir in here
 VK_CACHE_DIR = _directory("VK_CACHE_DIR", os.path.join(TMPDIR, "bb-worker-vk"))
 SLOTS_DIR = os.path.join(TMPDIR, "bb-worker-slots")
+# prometheus_client's own, for several workers (gunicorn.conf.py makes one in SHM_DIR when unset).
+PROMETHEUS_MULTIPROC_DIR = (_writable_directory("PROMETHEUS_MULTIPROC_DIR", None)
+                            if _raw("PROMETHEUS_MULTIPROC_DIR", None) else None)
+# /dev/shm keeps gunicorn's worker heartbeat and the metrics files in RAM; when it exists it must be writable.
+SHM_DIR = "/dev/shm" if os.path.isdir("/dev/shm") else None
+if SHM_DIR and not os.access(SHM_DIR, os.W_OK | os.X_OK):
+    raise ConfigError(f"{SHM_DIR} is present but not writable (gunicorn's worker heartbeat and the "
+                      "metrics files live there): mount it writable, e.g. a tmpfs")
 
 # ---------------------------------------------------------------- limits
 MAX_BODY_BYTES = _int("MAX_BODY_BYTES", 50 * MiB, 1)

@@ -15,7 +15,7 @@ import threading
 import time
 from collections import namedtuple
 
-import bbrunner
+import bbformat
 import settings
 from tests import support
 from tests.support import ServerError  # noqa: F401  (run.py reports it like BenchError)
@@ -121,7 +121,7 @@ def write_vk(bb, circuit, out_dir, crs):
     os.makedirs(out_dir, exist_ok=True)
     bb_output([bb, "write_vk", "-b", circuit, "-o", out_dir, "-c", crs])
     with open(os.path.join(out_dir, "vk"), "rb") as f:
-        return bbrunner.vk_log_size(f.read())
+        return bbformat.vk_log_circuit_size(f.read())
 
 
 def verify(bb, vk, proof, public_inputs, crs):

@@ -3,6 +3,7 @@
 Standard library only. The tests import it as `support` (pytest puts tests/ on
 sys.path), the benchmark as `tests.support`.
 """
+import glob
 import http.client
 import json
 import os
@@ -234,7 +235,6 @@ class Server:
         self.port = free_port()
         self.tmpdir = os.path.join(run_dir, "tmpdir")
         os.makedirs(self.tmpdir, exist_ok=True)
-        self.work_dir = os.path.join(self.tmpdir, "bb-proofs")
         self.log_path = os.path.join(run_dir, "server.log")
         self.env = {k: v for k, v in os.environ.items() if k not in clear}
         self.env.update(PORT=str(self.port), TMPDIR=self.tmpdir, PYTHONUNBUFFERED="1")
@@ -245,7 +245,8 @@ class Server:
                                      stderr=subprocess.STDOUT, start_new_session=True)
 
     def wait_ready(self, timeout=60, healthy=False):
-        """Poll GET /api/health until it answers (with `healthy`, until it answers 200); returns self.
+        """Poll GET /api/health until it answers other than 503 "starting" (the VKs being
+        computed); with `healthy`, until it answers 200. Returns self.
 
         Raises ServerError if the server exits, answers non-200 with `healthy`, or times out.
         """
@@ -254,8 +255,11 @@ class Server:
             if self.proc.poll() is not None:
                 raise ServerError(f"server exited {self.proc.returncode}:\n{self.output()}")
             try:
-                status, _, _ = request(self.port, "GET", "/api/health", timeout=5)
+                status, _, body = request(self.port, "GET", "/api/health", timeout=5)
             except OSError:
+                time.sleep(0.1)
+                continue
+            if status == 503 and b'"status":"starting"' in body:
                 time.sleep(0.1)
                 continue
             if healthy and status != 200:
@@ -274,9 +278,22 @@ class Server:
         """The last `lines` lines of the server's log (str)."""
         return "\n".join(self.output().splitlines()[-lines:])
 
+    def worker_dirs(self):
+        """The workers' private directories for request files (sorted list of str).
+
+        ownership.ServerDir: TMPDIR/bb-worker-run-<master pid>-<random>/w<worker pid>.
+        """
+        return sorted(glob.glob(os.path.join(self.tmpdir, "bb-worker-run-*", "w*")))
+
+    @property
+    def work_dir(self):
+        """The first worker's directory for request files (made at its first health check)."""
+        dirs = self.worker_dirs()
+        return dirs[0] if dirs else os.path.join(self.tmpdir, "bb-worker-run-none", "w0")
+
     def leftovers(self):
-        """Files left in the per-request temp area."""
-        return sorted(os.listdir(self.work_dir)) if os.path.isdir(self.work_dir) else []
+        """Files left in the workers' directories for request files (sorted names)."""
+        return sorted(name for d in self.worker_dirs() if os.path.isdir(d) for name in os.listdir(d))
 
     def stop(self):
         """SIGTERM the server's process group, SIGKILL it after 20 s; always reaps.

@@ -82,8 +82,8 @@ def test_unknown_path_is_404_listing_endpoints(server):
     status, _, body = request_json(server.port, "GET", "/nope")
     assert status == 404
     assert body["error"] == "Not found"
-    assert body["available_endpoints"] == ["/api/health", "/api/metrics", "/api/openapi.json", "/api/prove",
-                                           "/api/verify", "/api/vk"]
+    assert body["available_endpoints"] == ["/api/health", "/api/live", "/api/metrics", "/api/openapi.json",
+                                           "/api/prove", "/api/verify", "/api/vk"]
 
 
 @pytest.mark.parametrize("method, path, allow", [
@@ -127,8 +127,8 @@ def test_access_log_line_per_request(server):
             break
         time.sleep(0.1)
     assert len(lines) == 1
-    assert re.search(rf'{rid} POST /api/prove 200 in={size} out=\d+ ms=\d+\.\d bb=0 client=127.0.0.1 ua=""$',
-                     lines[0]), lines[0]
+    assert re.search(rf'{rid} POST /api/prove 200 in={size} out=\d+ ms=\d+\.\d bb=0 outcome=success fault=- '
+                     rf'client=127.0.0.1 ua=""$', lines[0]), lines[0]
 
 
 def test_chunked_upload_is_proved(server, verify):
@@ -144,17 +144,18 @@ def test_chunked_upload_is_proved(server, verify):
     assert verify(base64.b64decode(body["proof"]), body["publicInputs"])
 
 
-def test_bogus_bb_binary_gives_503_health_and_500_prove(start_server, tmp_path):
+def test_bogus_bb_binary_gives_503_health_and_503_prove(start_server, tmp_path):
     srv = start_server(BB_BINARY=str(tmp_path / "no-such-bb"))
     status, _, body = request_json(srv.port, "GET", "/api/health")
     assert status == 503
     assert body["status"] == "unavailable"
     assert body["bb"]["available"] is False and body["bb"]["version"] is None
     assert "no-such-bb" in body["bb"]["binary_arch"]
-    status, _, body = request_json(srv.port, "POST", "/api/prove", fixture_bytes("valid_1.gz"))
-    assert status == 500
-    assert body["error"] == "Internal server error"
-    assert body["message"].startswith("bb is not available")
+    assert body["reasons"][0].startswith("bb is not usable: ") and "no-such-bb" in body["reasons"][0]
+    status, headers, body = request_json(srv.port, "POST", "/api/prove", fixture_bytes("valid_1.gz"))
+    assert status == 503 and "retry-after" in headers  # not ready: bb never runs
+    assert body["error"] == "Service unavailable"
+    assert body["message"].startswith("bb is not usable")
     assert srv.leftovers() == []
 
 

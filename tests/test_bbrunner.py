@@ -333,9 +333,9 @@ def count_runs(monkeypatch):
     seen = []
     real = bbrunner.run
 
-    def run(argv, timeout):
+    def run(argv, timeout, *args, **kwargs):
         seen.append(argv[1])
-        return real(argv, timeout)
+        return real(argv, timeout, *args, **kwargs)
     monkeypatch.setattr(bbrunner, "run", run)
     return seen
 
@@ -375,12 +375,12 @@ sys.path.insert(0, {root!r})
 import bbrunner
 binary, circuit, cache, crs, log, go = sys.argv[1:]
 real = bbrunner.run
-def run(argv, timeout):
+def run(argv, timeout, *args, **kwargs):
     if argv[1] == "write_vk":
         with open(log, "a") as f:
             f.write(f"{{os.getpid()}}\\n")
         time.sleep(0.3)  # widen the window in which the others race
-    return real(argv, timeout)
+    return real(argv, timeout, *args, **kwargs)
 bbrunner.run = run
 prover = bbrunner.Circuit(bbrunner.BB(binary, crs_dir=crs or None), circuit, cache)
 while not os.path.exists(go):
@@ -404,7 +404,7 @@ def test_concurrent_ensure_vk_in_processes_runs_bb_once(bb, crs_dir, tmp_path):
     assert len(log.read_text().splitlines()) == 1
 
 
-def test_failed_write_vk_is_crashed_and_leaves_no_temp_dir(tmp_path):
+def test_failed_write_vk_is_a_server_fault_and_leaves_no_temp_dir(tmp_path):
     binary = write_script(tmp_path / "bb", """\
         #!/bin/sh
         if [ "$1" = "--version" ]; then echo 5.0.0-fake; exit 0; fi
@@ -412,7 +412,7 @@ def test_failed_write_vk_is_crashed_and_leaves_no_temp_dir(tmp_path):
         exit 2
         """)
     prover = make_prover(binary, tmp_path)
-    with pytest.raises(bbrunner.ProverCrashed, match="bb write_vk failed: out of memory$"):
+    with pytest.raises(bbrunner.ServerFault, match="bb write_vk failed: out of memory$"):
         prover.ensure_vk()
     assert os.listdir(tmp_path / "vk-cache") == [".lock"]
 

@@ -53,6 +53,9 @@ def bad_file(tmp_path):
     ("BB_CRS_PATH", "{bad_file}"), ("VK_CACHE_DIR", "{bad_file}"),
     ("TMPDIR", "/nonexistent"), ("TMPDIR", "{bad_file}"), ("LOG_LEVEL", "verbose"),
     ("MAX_QUEUED_REQUESTS", "0"), ("LOG_FORMAT", "xml"), ("PROOF_RESPONSE_FORMAT", "cbor"),
+    ("HARDWARE_CONCURRENCY", "abc"), ("HARDWARE_CONCURRENCY", "0"), ("HARDWARE_CONCURRENCY", "-1"),
+    ("HARDWARE_CONCURRENCY", "1.5"), ("PROMETHEUS_MULTIPROC_DIR", "/nonexistent"),
+    ("PROMETHEUS_MULTIPROC_DIR", "{bad_file}"),
 ])
 def test_bad_environment_stops_the_server_naming_the_variable(tmp_path, bad_file, name, value):
     env = env_for(tmp_path, **{name: value.format(bad_file=bad_file)})

@@ -136,15 +136,16 @@ def _env():
     return {e["name"]: e.get("value") for e in _container().get("env", [])}
 
 
-def test_probes_hit_health_on_the_image_port():
+def test_probes_hit_readiness_and_liveness_on_the_image_port():
     _, _, image_env = runtime_config(load())
     container = _container()
     ports = {p["name"]: p["containerPort"] for p in container["ports"]}
     assert ports == {"http": int(image_env["PORT"])}
     assert load().runtime.one("EXPOSE").args == str(ports["http"])
-    for probe in ("readinessProbe", "livenessProbe", "startupProbe"):
+    paths = {"readinessProbe": "/api/health", "livenessProbe": "/api/live", "startupProbe": "/api/live"}
+    for probe, path in paths.items():
         get = container[probe]["httpGet"]
-        assert get["path"] == "/api/health" and ports.get(get["port"], get["port"]) == 8080, probe
+        assert get["path"] == path and ports.get(get["port"], get["port"]) == 8080, probe
     liveness = container["livenessProbe"]
     assert liveness["periodSeconds"] * liveness["failureThreshold"] >= 30, "liveness must tolerate a busy minute"
 

@@ -194,7 +194,7 @@ def test_bb_failure_reason_hides_temp_paths(start_server, fake_bb):
     srv = start_server(BB_BINARY=fake_bb, FAKE_BB_MODE="fail")
     status, _, body = request_json(srv.port, "POST", "/api/prove", WITNESS)
     assert status == 422
-    assert body["message"].startswith("bb prove failed: bad witness at ")
+    assert body["message"].startswith("bb prove failed: deserialize_msgpack_compact: expected ARRAY type, got 3, at ")
     assert srv.tmpdir not in body["message"] and "mem:" not in body["message"]
 
 
@@ -223,16 +223,17 @@ def test_sigterm_lets_the_proof_in_flight_finish(start_server, fake_bb, tmp_path
 
 def test_temp_dir_not_writable_is_503_then_recovers(start_server):
     srv = start_server()
-    shutil.rmtree(srv.work_dir, ignore_errors=True)
-    with open(srv.work_dir, "w") as f:  # a file where the directory should be
+    work_dir = srv.work_dir
+    shutil.rmtree(work_dir, ignore_errors=True)
+    with open(work_dir, "w") as f:  # a file where the directory should be
         f.write("x")
     status, headers, body = request_json(srv.port, "POST", "/api/prove", WITNESS)
     assert status == 503
     assert body["message"].startswith("temp dir is not writable")
     assert "retry-after" in headers
-    os.unlink(srv.work_dir)  # the server makes the directory again itself
+    os.unlink(work_dir)  # the server makes the directory again itself
     assert request(srv.port, "POST", "/api/prove", WITNESS)[0] == 200
-    assert os.stat(srv.work_dir).st_mode & 0o777 == 0o700
+    assert os.stat(work_dir).st_mode & 0o777 == 0o700
 
 
 def test_temp_dir_full_is_503_then_recovers(start_server, tmp_path):

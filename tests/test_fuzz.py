@@ -56,6 +56,7 @@ def worker(bb, crs_dir, tmp_path_factory):
     """The real App with the real bb, small limits, its own temp area."""
     base = tmp_path_factory.mktemp("wsgi")
     circuit = bbrunner.Circuit(bbrunner.BB(bb, crs_dir=crs_dir, timeout=60), CIRCUIT, str(base / "vk"))
+    circuit.ensure_vk()  # ready from the first request (a server answers 503 "starting" until then)
     queue = admission.ProofQueue(admission.ProofSlots(str(base / "slots"), 1), 10)
     os.makedirs(base / "work")
     return app.App({"default": circuit}, queue, str(base / "work"), app.Limits(LIMIT, 1024 * 1024, 5))

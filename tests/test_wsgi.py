@@ -46,7 +46,7 @@ class StubCircuit:
         self.available, self.version, self.detail = available, version, detail
         self.calls = []
 
-    def prove(self, witness_path, workdir):
+    def prove(self, witness_path, workdir, keep_fds=()):
         with open(witness_path, "rb") as f:
             witness = f.read()
         self.calls.append({"witness": witness, "workdir_entries": os.listdir(workdir)})
@@ -56,6 +56,12 @@ class StubCircuit:
 
     def status(self):
         return bbrunner.Status(self.available, self.version if self.available else None, self.detail)
+
+    def problems(self):
+        return []
+
+    def vk_cached(self):
+        return True
 
     def binary_arch(self):
         return self.detail
