@@ -99,7 +99,7 @@ class ProofQueue:
 
     @contextmanager
     def slot(self, ticket=None):
-        """Hold a proof slot for the `with` body; yields its lock's descriptor (for bb to inherit).
+        """Hold a proof slot for the `with` body; yields its locks' descriptors (a tuple, for bb to inherit).
 
         With a `ticket` (a proof request) the wait is measured (queued gauge, queue
         seconds) and the ticket leaves the queue once the slot is held. Raises Busy
@@ -122,7 +122,7 @@ class ProofQueue:
             if ticket is not None:
                 ticket.leave()
                 observability.QUEUE_SECONDS.observe(time.monotonic() - waited)
-            yield token
+            yield token.fds
         finally:
             self.slots.release(token)
 
@@ -161,7 +161,8 @@ class ProofSlots:
     holder exits, so a killed worker cannot leak a slot, and bb inherits it, so a
     slot stays taken while its bb lives. The directory and files must be ours
     (ownership.private_dir, ownership.lock_path: no symlinks, no other owner), and a
-    lock counts only while its path still names the locked file: removing the
+    lock counts only while its path still names the locked file, and each slot also
+    holds a name no file operation frees (ownership.lock_slot): removing the
     directory while a proof runs cannot free that slot for a second bb. Within a process waiters
     line up first come, first served (only the oldest waiter polls the lock files,
     every `poll` seconds), so a newcomer cannot overtake a request that has waited
@@ -199,17 +200,17 @@ class ProofSlots:
         while True:
             ownership.private_dir(self.lock_dir)
             for path in self.paths:
-                fd = ownership.lock_path(path)
-                if fd is not None:
-                    return fd
+                held = ownership.lock_slot(path)
+                if held is not None:
+                    return held
             if time.monotonic() >= deadline:
                 raise SlotTimeout(f"no proof slot free within {timeout:g} s")
             self._freed.clear()
             self._freed.wait(self.poll)  # a slot freed in this process wakes it; others are polled
 
     def release(self, token):
-        """Free the slot that take() returned."""
-        os.close(token)  # closing the descriptor drops the flock
+        """Free the slot that take() returned (an ownership.HeldSlot)."""
+        token.close()
         self._freed.set()
 
     @contextmanager

@@ -719,12 +719,12 @@ class App:
     def run_bb(self, environ, request_id, name, witness, outdir, slot=None):
         """Prove `witness` with circuit `name`; map failures, count them, feed the breaker.
 
-        The caller holds a proof slot; `slot` (its lock's descriptor) is passed on to bb.
+        The caller holds a proof slot; `slot` (its locks' descriptors) is passed on to bb.
         """
         started = time.monotonic()
         try:
             with observability.IN_FLIGHT.track_inprogress():
-                result = self.circuits[name].prove(witness, outdir, keep_fds=() if slot is None else (slot,))
+                result = self.circuits[name].prove(witness, outdir, keep_fds=slot or ())
         except bbrunner.ProverError as exc:
             environ["bb_worker.bb_exit_code"] = exc.returncode
             error, outcome = prover_error(exc)

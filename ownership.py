@@ -6,6 +6,8 @@
 - lock_path() takes an flock on a lock file and re-checks, after taking it, that the
   path still names the locked inode: a lock on a file someone unlinked or replaced
   (e.g. the slot directory removed while a proof runs) is no lock at all.
+  lock_slot() adds a name no file operation can free (an abstract Unix socket), so
+  removing the slot directory under a running proof cannot free its slot either.
 - ServerDir is one server's private work directory under TMPDIR, held by an flock
   for as long as any of the server's processes lives (gunicorn's workers inherit
   it); clean_stale() removes only the directories of servers that are gone.
@@ -16,8 +18,10 @@ import ctypes
 import errno
 import fcntl
 import os
+import hashlib
 import shutil
 import signal
+import socket
 import stat
 import tempfile
 import time
@@ -103,6 +107,55 @@ def lock_path(path, blocking=False):
         if now is not None and (now.st_dev, now.st_ino) == (held.st_dev, held.st_ino):
             return fd
         os.close(fd)  # we locked a file that is no longer at `path`: try the one that is
+
+
+class HeldSlot:
+    """A slot held by lock_slot(): the flock'ed file's descriptor and the bound socket.
+
+    fds: both descriptors (a child that inherits them keeps the slot taken while it lives).
+    """
+
+    def __init__(self, fd, sock):
+        self.fd = fd
+        self.sock = sock
+        self.fds = (fd, sock.fileno())
+
+    def close(self):
+        """Free the slot (idempotent)."""
+        if self.sock is not None:
+            os.close(self.fd)
+            self.sock.close()
+            self.sock = None
+
+
+def lock_slot(path):
+    """Take the slot whose lock file is `path`; return a HeldSlot, or None when it is taken.
+
+    Two locks, both needed: an flock on the file (lock_path; shared by every process
+    that sees the same file, across network namespaces too) and an abstract Unix
+    socket bound to a name made from this user and the file's path, which exists
+    while a holder keeps it open, whatever happens to the files: a slot directory
+    removed and made again while a proof runs does not free that proof's slot.
+    Raises UnsafePath or OSError like lock_path().
+    """
+    key = hashlib.sha256(os.path.abspath(path).encode()).hexdigest()[:40]
+    sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    try:
+        sock.bind(f"\0bb-worker-slot-{os.geteuid()}-{key}")
+    except OSError as exc:
+        sock.close()
+        if exc.errno == errno.EADDRINUSE:
+            return None
+        raise
+    try:
+        fd = lock_path(path)
+    except BaseException:
+        sock.close()
+        raise
+    if fd is None:
+        sock.close()
+        return None
+    return HeldSlot(fd, sock)
 
 
 # ---------------------------------------------------------------- per-server work directory

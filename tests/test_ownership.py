@@ -165,3 +165,35 @@ def test_die_with_parent_kills_a_child_whose_parent_is_already_gone():
     code = "import ownership; ownership.die_with_parent(1); print('survived')"
     proc = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=30)
     assert proc.returncode == -signal.SIGKILL and "survived" not in proc.stdout
+
+
+def test_a_slot_stays_held_when_its_directory_is_removed_and_made_again(tmp_path):
+    d = tmp_path / "slots"
+    d.mkdir(0o700)
+    path = str(d / "slot-0.lock")
+    held = ownership.lock_slot(path)
+    assert held is not None and ownership.lock_slot(path) is None
+    os.unlink(path)
+    os.rmdir(d)
+    d.mkdir(0o700)
+    assert ownership.lock_slot(path) is None  # the file is new, the slot is not free
+    held.close()
+    again = ownership.lock_slot(path)
+    assert again is not None
+    again.close()
+    again.close()  # idempotent
+
+
+def test_a_child_that_inherits_a_slot_keeps_it_taken(tmp_path):
+    path = str(tmp_path / "slot-0.lock")
+    held = ownership.lock_slot(path)
+    child = subprocess.Popen(["sleep", "30"], pass_fds=held.fds)
+    try:
+        held.close()  # the parent lets go, e.g. a worker killed while bb runs
+        assert ownership.lock_slot(path) is None
+    finally:
+        child.kill()
+        child.wait()
+    free = ownership.lock_slot(path)
+    assert free is not None
+    free.close()

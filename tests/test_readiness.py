@@ -164,7 +164,7 @@ def test_bb_failures_are_told_apart(start_server, fake_bb, tmp_path, mode, code,
     rid = headers["x-request-id"]
     line = wait_for(lambda: [x for x in srv.output().splitlines() if rid in x and "bb_worker.access" in x])
     fault = "client" if code == 422 else "server"
-    assert re.search(rf" {code} .* outcome={outcome} fault={fault}$", line[0]), line
+    assert re.search(rf" {code} .* outcome={outcome} fault={fault} client=", line[0]), line
     metrics = request(srv.port, "GET", "/api/metrics")[2].decode()
     assert f'bb_worker_proofs_total{{circuit="default",outcome="{outcome}"}} 1.0' in metrics
     assert srv.leftovers() == []
@@ -265,6 +265,21 @@ def test_kill_9_of_a_worker_mid_proof_leaves_no_bb_and_no_files(start_server, fa
     new_dirs = wait_for(lambda: srv.worker_dirs())
     assert new_dirs and new_dirs != [worker_dir]
     assert not alive(worker) or worker not in descendants(srv.proc.pid)
+
+
+def test_removing_the_slot_directory_mid_proof_never_lets_a_second_bb_start(start_server, fake_bb, tmp_path):
+    log = tmp_path / "bb.log"
+    srv = start_server(BB_BINARY=fake_bb, FAKE_BB_DELAY=1.5, FAKE_BB_LOG=log, MAX_CONCURRENT_PROOFS=1)
+    results = []
+    first = threading.Thread(target=lambda: results.append(request(srv.port, "POST", "/api/prove", WITNESS)[0]))
+    first.start()
+    assert wait_for(lambda: log.exists() and "start" in log.read_text())
+    shutil.rmtree(os.path.join(srv.tmpdir, "bb-worker-slots"))
+    assert request(srv.port, "POST", "/api/prove", WITNESS)[0] == 200  # waits for the first one's slot
+    first.join()
+    assert results == [200]
+    events = [line.split() for line in log.read_text().splitlines()]
+    assert [e[0] for e in events] == ["start", "end", "start", "end"], events  # never two at once
 
 
 # ---------------------------------------------------------------- processes and signals
