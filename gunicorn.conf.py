@@ -119,9 +119,21 @@ def on_starting(server):
 
     import bbrunner
 
-    status = bbrunner.BB(**settings.BB_OPTIONS).status()
+    bb = bbrunner.BB(**settings.BB_OPTIONS)
+    status = bb.status()
     if not status.available:
         server.log.warning("bb is not available (%s): /api/health answers 503", status.detail)
+        return
+    # A VK that can be neither found nor stored would keep the server unready for good: stop now.
+    cache = settings.VK_CACHE_DIR
+    creatable = os.path.isdir(cache) or os.access(os.path.dirname(cache), os.W_OK | os.X_OK)
+    if creatable and (not os.path.isdir(cache) or os.access(cache, os.W_OK | os.X_OK)):
+        return
+    for name, path in settings.CIRCUITS.items():
+        if not bbrunner.Circuit(bb, path, cache).vk_cached():
+            sys.exit(f"bb-worker: bad configuration: VK_CACHE_DIR={cache!r} is not writable and holds no VK "
+                     f"for circuit {name} (bb {status.version}, VERIFIER_TARGET={settings.VERIFIER_TARGET or ''}): "
+                     "make it writable or bake the VK in (scripts/precompute_vk.py)")
 
 
 def post_worker_init(worker):

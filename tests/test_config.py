@@ -112,3 +112,11 @@ def test_gunicorn_settings_follow_the_environment(tmp_path, prove, queue):
     if os.path.isdir("/dev/shm"):
         assert cfg["worker_tmp_dir"] == "/dev/shm"
     assert cfg["on_starting"] != "gunicorn.config", "the on_starting hook is ours"
+
+
+def test_a_vk_that_can_be_neither_found_nor_stored_stops_the_server(tmp_path, bad_file):
+    cache = os.path.join(bad_file, "vk")  # under a regular file: nothing can be created there, even by root
+    proc = subprocess.run(GUNICORN, cwd=ROOT, env=env_for(tmp_path, VK_CACHE_DIR=cache),
+                          capture_output=True, text=True, timeout=60)
+    assert proc.returncode != 0
+    assert f"VK_CACHE_DIR={cache!r} is not writable and holds no VK" in proc.stdout + proc.stderr
