@@ -37,3 +37,55 @@ def test_breaker_cooldown_is_capped():
         assert b.failure("x")
         clock.now += 12
     assert b.open() is None
+
+
+# ---------------------------------------------------------------- Health.check with stand-ins
+
+class BB:
+    verifier_target = None
+
+    def __init__(self, available=True):
+        self.available = available
+
+    def status(self):
+        from bbrunner import Status
+        return Status(self.available, "5.0.0-stub" if self.available else None, "elf" if self.available else "gone")
+
+
+class Circuit:
+    def __init__(self, *problems):
+        self.list = list(problems)
+
+    def problems(self):
+        return list(self.list)
+
+
+def test_starting_until_every_vk_is_there_then_ok(tmp_path):
+    from health import Health
+    a, b = Circuit("starting: the verification key is being computed"), Circuit()
+    health = Health(BB(), {"default": a, "other": b}, str(tmp_path / "w"))
+    ready, payload = health.check()
+    assert not ready and payload["status"] == "starting"
+    assert payload["circuits"] == {"default": {"ready": False, "reasons": a.list}, "other": {"ready": True, "reasons": []}}
+    assert payload["reasons"] == ["circuit default: starting: the verification key is being computed"]
+    a.list = []
+    ready, payload = health.check()
+    assert ready and payload["status"] == "ok" and "reasons" not in payload
+    assert (tmp_path / "w").is_dir() and (tmp_path / "w").stat().st_mode & 0o777 == 0o700  # made by the check
+
+
+def test_server_problems_make_every_circuit_unready(tmp_path):
+    from health import Health
+    health = Health(BB(available=False), {"default": Circuit()}, str(tmp_path / "w"))
+    ready, payload = health.check()
+    assert not ready and payload["status"] == "unavailable"
+    assert payload["reasons"] == ["bb is not usable: gone"] and "circuits" not in payload
+    (tmp_path / "file").write_text("")
+    health = Health(BB(), {"default": Circuit()}, str(tmp_path / "file"))
+    assert health.check()[1]["reasons"][0].startswith("temp dir is not writable")
+    clock = Clock()
+    health = Health(BB(), {"default": Circuit()}, str(tmp_path / "w"), Breaker(threshold=1, clock=clock))
+    health.breaker.failure("bb crashed")
+    assert health.circuit_problems("default")[0].startswith("1 server-side proof failure(s) in a row")
+    clock.now += 5
+    assert health.circuit_problems("default") == []
