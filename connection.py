@@ -23,6 +23,7 @@ import socket
 import ssl
 
 import gevent
+import gevent.ssl
 from gevent import monkey
 from gevent.socket import wait_read
 from gunicorn.workers import ggevent
@@ -63,7 +64,7 @@ def post_request(worker, req, environ, resp):
     sock = environ.get("gunicorn.socket") if environ else None
     if state is None or sock is None or not req.must_close or environ.get("bb_worker.body_read"):
         return
-    if isinstance(sock, ssl.SSLSocket):
+    if isinstance(sock, (ssl.SSLSocket, gevent.ssl.SSLSocket)):
         return  # shutdown() would drop the TLS session; gunicorn just closes
     # The reply is out; the client may still be sending the body we refused. Closing
     # now with unread bytes makes the kernel send RST, which can destroy the reply

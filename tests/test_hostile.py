@@ -4,6 +4,8 @@ import gzip
 import json
 import os
 import socket
+import ssl
+import subprocess
 import sys
 import threading
 import time
@@ -302,3 +304,44 @@ def test_bb_runs_below_the_server_priority():
     code, out, _ = bbrunner.run([sys.executable, "-c", "import os; print(os.nice(0))"], 30)
     assert code == 0
     assert int(out) == min(19, os.nice(0) + bbrunner.BB_NICE) > os.nice(0)
+
+
+# ---------------------------------------------------------------- TLS (gunicorn terminating it)
+
+def test_hang_up_watch_works_over_tls(start_server, fake_bb, tmp_path):
+    key, cert = tmp_path / "key.pem", tmp_path / "cert.pem"
+    subprocess.run(["openssl", "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-keyout", str(key), "-out", str(cert),
+                    "-days", "1", "-subj", "/CN=localhost"], check=True, capture_output=True, timeout=60)
+    pidfile, mode = tmp_path / "pids", tmp_path / "mode"
+    mode.write_text("ok")
+    srv = start_server(ready=False, BB_BINARY=fake_bb, FAKE_BB_PIDFILE=pidfile, FAKE_BB_MODE_FILE=mode,
+                       FAKE_BB_DELAY=1, GUNICORN_CMD_ARGS=f"--certfile {cert} --keyfile {key}")
+    context = ssl.create_default_context(cafile=str(cert))
+    context.check_hostname = False
+
+    def tls_connect():
+        return context.wrap_socket(connect(srv.port))
+
+    assert wait_for(lambda: srv.proc.poll() is None and " Booting worker" in srv.output(), timeout=30)
+    assert wait_for(lambda: _answers(tls_connect), timeout=30), srv.output()
+    with tls_connect() as sock:  # pipelined bytes over TLS are not a hang-up
+        sock.sendall(request_head("/api/prove", {"Content-Length": len(WITNESS)}) + WITNESS
+                     + request_head("/api/health", {}, method="GET"))
+        replies = Replies(sock)
+        assert replies.next()[0] == 200 and replies.next()[0] == 200
+    mode.write_text("sleep")
+    sock = tls_connect()
+    sock.sendall(request_head("/api/prove", {"Content-Length": len(WITNESS)}) + WITNESS)
+    assert wait_for(lambda: len(pids_in(pidfile)) == 2)
+    sock.close()
+    assert wait_for(lambda: not alive(pids_in(pidfile)[1]), timeout=5), "bb still runs for a TLS client that left"
+    assert wait_for(lambda: " 499 " in srv.output())
+
+
+def _answers(tls_connect):
+    try:
+        with tls_connect() as sock:
+            sock.sendall(request_head("/api/health", {}, method="GET"))
+            return read_reply(sock)[0] == 200
+    except OSError:
+        return False
