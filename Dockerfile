@@ -75,7 +75,7 @@ RUN python3 scripts/precompute_vk.py crs --bb /opt/build-bb/bb --circuit circuit
 FROM --platform=$TARGETPLATFORM ${RUNTIME_IMAGE} AS vk
 ARG VERIFIER_TARGET=""
 COPY --from=build --chown=65532:65532 /out /out
-COPY circuit.json settings.py bbrunner.py bbformat.py ownership.py /src/
+COPY circuit.json settings.py bbrunner.py bbformat.py ownership.py witness.py /src/
 COPY scripts/precompute_vk.py /src/scripts/
 ENV PYTHONPATH=/out/site-packages CIRCUIT_PATH=/src/circuit.json BB_BINARY=/out/bin/bb \
     BB_CRS_PATH=/out/crs VK_CACHE_DIR=/out/vk VERIFIER_TARGET=${VERIFIER_TARGET} TMPDIR=/tmp

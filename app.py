@@ -22,6 +22,7 @@ deal with who is calling.
 """
 import base64
 import errno
+import gzip
 import hashlib
 import json
 import logging
@@ -44,12 +45,14 @@ import correlation
 import observability
 import ownership
 import settings
+import witness
 from admission import Busy, ProofQueue, ProofSlots, VerifyLimit
 from auth import TokenAuth
 from cors import CorsPolicy
 from health import Health
 from httperrors import (BadRequest, HTTPError, MethodNotAllowed, NotFound, PayloadTooLarge, ProofFailed,
-                        ProofTimeout, RequestTimeout, ServiceUnavailable, Unauthorized, status_line)
+                        ProofTimeout, ProofUnverified, RequestTimeout, ServiceUnavailable, Unauthorized,
+                        status_line)
 
 log = logging.getLogger("bb_worker")
 access_log = logging.getLogger("bb_worker.access")
@@ -75,6 +78,8 @@ class ClientGone(Exception):
 # 422 ("rejected") is the witness's fault only; every other row is ours (server-side: Health.breaker).
 PROVER_ERRORS = {
     bbrunner.ProverFailed: (ProofFailed, "bb prove failed: {}", "rejected"),
+    bbrunner.ProofRejected: (ProofUnverified, "{}", "unverified"),
+    bbrunner.ProverOutOfMemory: (HTTPError, "{}", "out_of_memory"),
     bbrunner.ProverTimeout: (ProofTimeout, "{}", "timeout"),
     bbrunner.CrsUnavailable: (functools.partial(ServiceUnavailable, retry_after=CRS_RETRY_AFTER_SECONDS),
                               "the CRS is unavailable: {}", "crs_unavailable"),
@@ -102,24 +107,32 @@ def prover_error(exc):
 class WitnessSink:
     """Write a gzip stream to `path` while checking it, in bounded memory.
 
-    Decompresses as it goes (nothing decompressed is kept) to count the witness
-    size: raises PayloadTooLarge past `max_body` compressed or `max_witness`
-    decompressed bytes, BadRequest for data that is not gzip or is corrupt, or
-    for more than MAX_GZIP_MEMBERS gzip members (a body of many empty members
-    costs CPU and inflates to nothing).
-    Call finish() at the end of the body: it raises BadRequest if the stream is
-    empty or truncated.
+    Decompresses as it goes, keeping the decompressed witness (`witness`, bytes, at most
+    `max_witness` of them) for witness.check_witness: raises PayloadTooLarge past
+    `max_body` compressed or `max_witness` decompressed bytes, BadRequest for data that
+    is not gzip or is corrupt, or for more than MAX_GZIP_MEMBERS gzip members (a body of
+    many empty members costs CPU and inflates to nothing), witness.WitnessError as soon as
+    the witness is larger than any of `circuit`'s (witness.Circuit) can be. Call finish()
+    at the end of the body: it raises BadRequest if the stream is empty or truncated, and
+    rewrites a body of several members as one (bb reads the first member only).
     """
 
-    def __init__(self, path, max_body, max_witness):
+    def __init__(self, path, max_body, max_witness, circuit=None):
         self.file = open(os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600), "wb")
+        self.path = path
         self.max_body = max_body
         self.max_witness = max_witness
+        self.circuit = circuit  # witness.Circuit: a witness over the limit is first checked for its format
         self.received = 0
         self.inflated = 0
         self.members = 1
+        self._witness = bytearray()
         self._head = b""
         self._gzip = zlib.decompressobj(16 + zlib.MAX_WBITS)
+
+    @property
+    def witness(self):
+        return bytes(self._witness)
 
     def write(self, chunk):
         self.received += len(chunk)
@@ -139,6 +152,9 @@ class WitnessSink:
                 self.inflated += len(out)
                 if self.inflated > self.max_witness:
                     raise PayloadTooLarge(f"witness exceeds {self.max_witness} bytes decompressed")
+                if self.circuit is not None and self.inflated > self.circuit.max_witness_bytes:
+                    witness.check_size((self._witness + out)[:9], self.inflated, self.circuit)
+                self._witness += out
                 if self._gzip.eof:  # end of a gzip member: whatever follows starts another
                     data = self._gzip.unused_data
                     if data:
@@ -158,6 +174,9 @@ class WitnessSink:
             raise BadRequest("empty body: send the gzipped witness")
         if not self._gzip.eof:
             raise BadRequest("gzip stream is truncated")
+        if self.members > 1:  # bb would read the first member only: give it the witness that was checked
+            with open(self.path, "wb") as f:
+                f.write(gzip.compress(self.witness, compresslevel=1, mtime=0))
 
     def close(self):
         self.file.close()
@@ -343,6 +362,10 @@ def json_reply(status, payload, headers=()):
 def printable(text):
     """`text` with control characters escaped, for a text log line (no forged lines)."""
     return json.dumps(text)[1:-1]
+
+
+# witness.WitnessError.status -> the HTTPError answered (bb is not started).
+WITNESS_ERRORS = {400: BadRequest, 413: PayloadTooLarge, 422: ProofFailed}
 
 
 Limits = namedtuple("Limits", "max_body_bytes max_witness_bytes upload_timeout verify_timeout upload_deadline",
@@ -606,7 +629,7 @@ class App:
         try:
             with self.queue.admit() as ticket:
                 try:
-                    self.receive(environ, request_id, witness, outdir)
+                    self.receive(environ, request_id, name, witness, outdir)
                     ticket.uploaded()
                     watcher = connection.watch_hangup(environ.get("gunicorn.socket"), environ.get("SERVER_PROTOCOL"),
                                                       hangup(gevent.getcurrent()))
@@ -695,18 +718,25 @@ class App:
         observability.VERIFICATIONS.labels(name, "valid" if valid else "invalid").inc()
         return json_reply(200, {"valid": valid})
 
-    def receive(self, environ, request_id, witness, outdir):
-        """Stream the body to `witness`, checked as gzip; create `outdir` for bb."""
+    def receive(self, environ, request_id, name, witness_path, outdir):
+        """Stream the body to `witness_path`, checked as gzip then as a witness of circuit `name`.
+
+        Creates `outdir` for bb. Raises the 400/408/413/422/503 HTTPErrors; bb is not started.
+        """
+        circuit = self.circuits[name].acir
         try:
             ownership.private_dir(self.work_dir)
             os.mkdir(outdir, 0o700)
-            sink = WitnessSink(witness, self.limits.max_body_bytes, self.limits.max_witness_bytes)
+            sink = WitnessSink(witness_path, self.limits.max_body_bytes, self.limits.max_witness_bytes, circuit)
         except OSError as exc:
             log.error("request %s: cannot write to %s: %s", request_id, self.work_dir, exc)
             raise ServiceUnavailable(f"temp dir is not writable: {exc.strerror}") from None
         try:
             read_body(environ, sink, self.limits.upload_timeout, self.limits.upload_deadline)
             sink.finish()
+            witness.check_witness(sink.witness, circuit)
+        except witness.WitnessError as exc:
+            raise WITNESS_ERRORS[exc.status](exc.message) from None
         except OSError as exc:
             if exc.errno in (errno.ENOSPC, errno.EDQUOT):
                 raise ServiceUnavailable("no space left for the witness") from None
@@ -736,7 +766,8 @@ class App:
             elif fault == "server" and self.health.breaker.failure(
                     str(exc), trip=isinstance(exc, bbrunner.CrsUnavailable)):
                 log.error("request %s: server-side failures: /api/health answers 503 for a while", request_id)
-            log.warning("request %s: %s (%s fault): %s", request_id, type(exc).__name__, fault, exc)
+            level = logging.ERROR if isinstance(exc, bbrunner.ProofRejected) else logging.WARNING
+            log.log(level, "request %s: %s (%s fault): %s", request_id, type(exc).__name__, fault, exc)
             raise error from None
         self.health.breaker.success()
         environ["bb_worker.outcome"] = "success"
@@ -786,7 +817,8 @@ def worker_dir():
 def create_app():
     """Build the App from settings.py: one BB, one Circuit per settings.CIRCUITS entry."""
     bb = bbrunner.BB(**settings.BB_OPTIONS)
-    circuits = {name: bbrunner.Circuit(bb, path, settings.VK_CACHE_DIR) for name, path in settings.CIRCUITS.items()}
+    circuits = {name: bbrunner.Circuit(bb, path, settings.VK_CACHE_DIR, verify=settings.VERIFY_PROOFS)
+                for name, path in settings.CIRCUITS.items()}
     queue = ProofQueue(ProofSlots(settings.SLOTS_DIR, settings.MAX_CONCURRENT_PROOFS),
                        settings.QUEUE_TIMEOUT_SECONDS, settings.MAX_QUEUED_REQUESTS, settings.MAX_UPLOADING_REQUESTS)
     limits = Limits(settings.MAX_BODY_BYTES, settings.MAX_WITNESS_BYTES, settings.UPLOAD_TIMEOUT_SECONDS,

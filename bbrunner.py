@@ -21,6 +21,7 @@ import fcntl
 import hashlib
 import os
 import re
+import resource
 import shutil
 import signal
 import struct
@@ -34,6 +35,7 @@ from gevent.lock import Semaphore
 
 import bbformat
 import ownership
+import witness
 
 # bb prints this (and exits 0) when a witness does not satisfy the circuit's
 # constraints; the proof it still writes would not verify.
@@ -45,6 +47,16 @@ VERSION_TIMEOUT_SECONDS = 30.0
 OUTPUT_KEEP_BYTES = 512 * 1024  # of each of bb's stdout and stderr: the first and the last this many
 DEFAULT_CRS_DIR = os.path.expanduser("~/.bb-crs")  # bb's own default for -c
 VERSION_RETRY_SECONDS = 10.0  # after a failed `bb --version`, status() waits this long to run it again
+# bb's stderr when an allocation failed: it aborts (SIGABRT), or exits 1 when no thread can start.
+OUT_OF_MEMORY_MARKERS = (b"std::bad_alloc", b"Cannot allocate memory", b"thread constructor failed")
+# Public inputs every bb 5 UltraHonk VK counts beyond the circuit's own: the pairing point object.
+PAIRING_POINT_FIELDS = 8
+# Proof length in 32-byte fields per verifier target, measured with bb 5.0.0: (fixed, per log2 rows).
+# The recursive targets pad to a constant size; the evm ones grow with the circuit.
+PROOF_FIELDS = {None: (458, 0), "noir-recursive": (458, 0), "noir-recursive-no-zk": (410, 0),
+                "evm": (82, 12), "evm-no-zk": (67, 11)}
+LOW_SPACE_BYTES = 1 << 20  # a short proof with less than this free beside it: the disk filled
+CIRCUIT_FILE = "circuit.json"  # the private copy of the circuit, beside its VK
 
 
 # ---------------------------------------------------------------- errors
@@ -96,6 +108,19 @@ class ProverTimeout(ProverError):
     """bb did not finish within the deadline; its process group was killed."""
 
 
+class ProverOutOfMemory(BBExited):
+    """An allocation in bb failed: over `limit_mb` (the memory limit, MiB; None: the host's)."""
+
+    def __init__(self, returncode, limit_mb):
+        limit = f" (limit {limit_mb} MiB)" if limit_mb else ""
+        super().__init__(returncode, f"bb ran out of memory{limit}")
+        self.limit_mb = limit_mb
+
+
+class ProofRejected(BBExited):
+    """`bb verify` rejected the proof that `bb prove` wrote, and bb reported no unsatisfied constraint."""
+
+
 Proof = namedtuple("Proof", "proof public_inputs")
 Proof.__doc__ = """A proof from `bb prove`.
 
@@ -107,14 +132,14 @@ element of bb's `public_inputs` file, in circuit order.
 
 # ---------------------------------------------------------------- processes
 
-def run(argv, timeout, scratch=None, keep_fds=()):
+def run(argv, timeout, scratch=None, keep_fds=(), memory_limit_mb=None):
     """Run `argv` (a list of str, never through a shell); return (returncode, stdout, stderr).
 
     The child gets no stdin, its own session/process group, child_setup(), and
     unlinked temp files in `scratch` (a directory; default: tempfile's) as stdout
     and stderr, returned as bytes (at most the first and last OUTPUT_KEEP_BYTES of
     each). keep_fds: descriptors the child inherits (the proof slot's lock, so the
-    slot stays taken while bb lives). When it exits, and on timeout (seconds) or any
+    slot stays taken while bb lives). memory_limit_mb: see child_setup(). When it exits, and on timeout (seconds) or any
     exception (a gevent Timeout or kill included), the whole group gets SIGKILL, so
     no descendant outlives the run. Raises ProverUnavailable if the program cannot
     start or the temp files cannot be made, ProverTimeout on expiry.
@@ -129,7 +154,7 @@ def run(argv, timeout, scratch=None, keep_fds=()):
         try:
             proc = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=out, stderr=err,
                                     start_new_session=True, close_fds=True, pass_fds=tuple(keep_fds),
-                                    preexec_fn=lambda: child_setup(parent))
+                                    preexec_fn=lambda: child_setup(parent, memory_limit_mb))
         except (OSError, subprocess.SubprocessError) as exc:
             raise ProverUnavailable(f"cannot run {os.path.basename(argv[0])}: "
                                     f"{getattr(exc, 'strerror', None) or exc}") from None
@@ -155,17 +180,24 @@ def _read_kept(f):
     return head + b"\n...\n" + f.read()
 
 
-def child_setup(parent_pid):
+def child_setup(parent_pid, memory_limit_mb=None):
     """In the child, between fork and exec: the one place bb's process settings are made.
 
     parent_pid: the pid of the worker starting bb; bb gets SIGKILL when that process
     dies (ownership.die_with_parent), so a killed worker leaves no bb. bb runs at
     nice BB_NICE: the server's own processes come first, so health checks and
     uploads are answered at once while bb saturates the cores; a lone proof loses
-    nothing (no other process wants the CPU).
+    nothing (no other process wants the CPU). memory_limit_mb (int or None) caps bb's
+    data segment (RLIMIT_DATA: heap and private writable mappings, what bb actually
+    fills). RLIMIT_AS would count bb's reserved but unused address space too, which grows
+    with its thread count (measured at 2^18 rows: 391 MiB at 2 threads, 1.5 GiB at 32,
+    for a resident peak of 290-340 MiB).
     """
     ownership.die_with_parent(parent_pid)
     os.nice(BB_NICE)
+    if memory_limit_mb:
+        limit = memory_limit_mb * 1024 * 1024
+        resource.setrlimit(resource.RLIMIT_DATA, (limit, limit))
 
 
 def kill_group(proc):
@@ -325,14 +357,16 @@ class BB:
 
     binary: path of bb. crs_dir: passed to bb as `-c` when not None (else bb uses
     ~/.bb-crs and downloads missing points). timeout: seconds allowed per bb run.
-    verifier_target: bb's `-t` value, or None for bb's default.
+    verifier_target: bb's `-t` value, or None for bb's default. memory_limit_mb: cap
+    on each bb run's memory in MiB (child_setup), or None for none.
     """
 
-    def __init__(self, binary, crs_dir=None, timeout=90.0, verifier_target=None):
+    def __init__(self, binary, crs_dir=None, timeout=90.0, verifier_target=None, memory_limit_mb=None):
         self.binary = binary
         self.crs_dir = crs_dir
         self.timeout = timeout
         self.verifier_target = verifier_target
+        self.memory_limit_mb = memory_limit_mb
         self._seen = None  # (stat signature, Status) of a bb that ran
         self._failed = None  # (stat signature, monotonic time to retry) after a failed --version
 
@@ -398,9 +432,16 @@ class BB:
         return argv
 
     def run(self, command, *args, timeout=None, scratch=None, keep_fds=()):
-        """Run `bb command *args` (see argv()) within `timeout` seconds (default: this BB's);
-        return (returncode, stdout, stderr). scratch, keep_fds: as for run()."""
-        return run(self.argv(command, *args), timeout or self.timeout, scratch, keep_fds)
+        """Run `bb command *args` (see argv()) within `timeout` seconds (default: this BB's), under
+        this BB's memory limit; return (returncode, stdout, stderr). scratch, keep_fds: as for run().
+
+        Raises ProverOutOfMemory when an allocation failed, and what run() raises.
+        """
+        code, out, err = run(self.argv(command, *args), timeout or self.timeout, scratch, keep_fds,
+                             self.memory_limit_mb)
+        if code != 0 and any(marker in err for marker in OUT_OF_MEMORY_MARKERS):
+            raise ProverOutOfMemory(code, self.memory_limit_mb)
+        return code, out, err
 
 
 # ---------------------------------------------------------------- one circuit
@@ -408,16 +449,23 @@ class BB:
 class Circuit:
     """One circuit proved with a shared BB: its verification key and its proofs.
 
-    bb: the BB. path: the circuit JSON. vk_cache_dir: where verification keys are
-    cached, one subdirectory per (circuit bytes, bb version, verifier target).
+    bb: the BB. path: the circuit JSON, read once here: bb only ever sees a private copy of
+    these bytes, kept beside their VK, so a file changed on disk later cannot be paired with
+    this VK. vk_cache_dir: where verification keys are cached, one subdirectory per (circuit
+    bytes, bb version, verifier target). verify: run `bb verify` on every proof before
+    prove() returns it. Raises OSError, or witness.CircuitError for a file bb cannot prove.
+    `acir` is the witness.Circuit decoded from the same bytes (witness checks).
     """
 
-    def __init__(self, bb, path, vk_cache_dir):
+    def __init__(self, bb, path, vk_cache_dir, verify=True):
         self.bb = bb
         self.path = path
         self.vk_cache_dir = vk_cache_dir
+        self.verify_proofs = verify
         with open(path, "rb") as f:
-            self.sha256 = hashlib.sha256(f.read()).hexdigest()
+            self.program = f.read()
+        self.sha256 = hashlib.sha256(self.program).hexdigest()
+        self.acir = witness.Circuit.from_json(self.program)
         self._vk_cache = None  # (vk path, vk bytes, vk_hash bytes)
         self._vk_lock = Semaphore()
         self.vk_error = None  # why the last attempt to compute the VK failed (str), until one succeeds
@@ -446,7 +494,7 @@ class Circuit:
         """
         target = self.vk_dir()
         vk = os.path.join(target, "vk")
-        if os.path.exists(vk):
+        if self._vk_complete(target):
             return vk
         with self._vk_lock:
             try:
@@ -459,7 +507,7 @@ class Circuit:
                 raise ProverUnavailable(self.vk_error) from None
             try:
                 _flock(lock, time.monotonic() + self.bb.timeout)
-                if not os.path.exists(vk):
+                if not self._vk_complete(target):
                     self._write_vk(target)
             except ProverError as exc:
                 self.vk_error = f"the verification key could not be computed: {exc}"
@@ -471,7 +519,11 @@ class Circuit:
 
     def vk_cached(self):
         """True when the VK is on disk already (ensure_vk would not run bb)."""
-        return os.path.exists(os.path.join(self.vk_dir(), "vk"))
+        return self._vk_complete(self.vk_dir())
+
+    @staticmethod
+    def _vk_complete(target):
+        return all(os.path.exists(os.path.join(target, name)) for name in ("vk", "vk_hash", CIRCUIT_FILE))
 
     def vk_bytes(self):
         """Return (vk, vk_hash): the bytes of bb's `vk` and `vk_hash` files (bb 5 binary format).
@@ -497,13 +549,18 @@ class Circuit:
         try:
             tmp = tempfile.mkdtemp(prefix=os.path.basename(target) + ".tmp-", dir=self.vk_cache_dir)
             os.chmod(tmp, 0o755)  # readable like the cache: an image's server user reads what the build wrote
-            code, _, err = self.bb.run("write_vk", "-b", self.path, "-o", tmp, scratch=tmp)
+            program = os.path.join(tmp, CIRCUIT_FILE)
+            with open(program, "wb") as f:
+                f.write(self.program)
+            os.chmod(program, 0o644)
+            code, _, err = self.bb.run("write_vk", "-b", program, "-o", tmp, scratch=tmp)
             if code != 0:
                 target_flag = f" -t {self.verifier_target}" if self.verifier_target else ""
                 raise bb_error(code, err, (tmp, self.path), witness=False,
                                prefix=f"bb write_vk{target_flag} failed: ")
             if not os.path.exists(os.path.join(tmp, "vk")):
                 raise ProverCrashed(code, "bb write_vk failed: it exited 0 without writing the vk")
+            self.check_vk(tmp)
             shutil.rmtree(target, ignore_errors=True)  # a partial one, e.g. `vk` removed by a cleaner
             os.replace(tmp, target)
         except OSError as exc:
@@ -511,6 +568,36 @@ class Circuit:
         finally:
             if tmp is not None:
                 shutil.rmtree(tmp, ignore_errors=True)
+
+    def check_vk(self, vk_dir):
+        """Check the `vk` and `vk_hash` bb wrote into `vk_dir` before they are cached.
+
+        A bb 5 UltraHonk VK is 32-byte fields: log2 of the circuit size, the number of public
+        inputs (the circuit's plus PAIRING_POINT_FIELDS), their offset, then commitments;
+        `vk_hash` is one field. Raises ProverCrashed naming what does not fit.
+        """
+        try:
+            with open(os.path.join(vk_dir, "vk"), "rb") as f:
+                vk = f.read()
+            with open(os.path.join(vk_dir, "vk_hash"), "rb") as f:
+                vk_hash = f.read()
+        except FileNotFoundError as exc:
+            raise ProverCrashed(0, f"bb write_vk wrote no {os.path.basename(exc.filename)}") from None
+        problem = None
+        if len(vk_hash) != FIELD_BYTES:
+            problem = f"vk_hash is {len(vk_hash)} bytes, not {FIELD_BYTES}"
+        elif len(vk) % FIELD_BYTES or len(vk) < 3 * FIELD_BYTES:
+            problem = f"vk is {len(vk)} bytes, not a whole number of fields"
+        elif not 1 <= vk_log_size(vk) <= bbformat.MAX_LOG_CIRCUIT_SIZE:
+            problem = f"vk states a circuit of 2^{vk_log_size(vk)} rows"
+        elif vk_public_inputs(vk) != self.acir.public_inputs + PAIRING_POINT_FIELDS and not self._rollup():
+            problem = (f"vk counts {vk_public_inputs(vk)} public inputs; the circuit has {self.acir.public_inputs} "
+                       f"(+{PAIRING_POINT_FIELDS} pairing point fields)")
+        if problem:
+            raise ProverCrashed(0, f"bb write_vk wrote an unusable verification key: {problem}")
+
+    def _rollup(self):
+        return (self.bb.verifier_target or "").startswith("noir-rollup")
 
     def problems(self):
         """Why a proof of this circuit cannot succeed now (list of str; empty: it can).
@@ -543,22 +630,47 @@ class Circuit:
     # -- proving
 
     def prove(self, witness_path, workdir, keep_fds=()):
-        """Prove one witness; return a Proof.
+        """Prove one witness; return a Proof that `bb verify` accepted (when verify is on).
 
         witness_path: the gzipped witness (Noir 1.0.0-beta.26 witness stack).
         workdir: an empty directory bb may write into (the caller removes it).
         keep_fds: descriptors bb inherits (the proof slot's lock).
         Raises ProverFailed (the witness's fault: bb rejected it), ProverTimeout,
-        ServerFault (ours; CrsUnavailable and ResourceUnavailable among them),
-        ProverCrashed (signal, or no output) or ProverUnavailable.
-        Steps: the VK, `bb prove`, its exit status and stderr, its output files.
+        ProverOutOfMemory, ServerFault (ours; CrsUnavailable and ResourceUnavailable among
+        them, the latter also for a short proof on a full disk), ProofRejected (bb verify
+        said no), ProverCrashed (signal, or unusable output) or ProverUnavailable.
+        Steps: the VK, `bb prove` on the private copy of the circuit, its exit status and
+        stderr, its output files checked against the VK, `bb verify`.
         """
         vk = self.ensure_vk()
-        code, _, err = self.bb.run("prove", "-b", self.path, "-w", witness_path, "-k", vk, "-o", workdir,
+        program = os.path.join(os.path.dirname(vk), CIRCUIT_FILE)
+        code, _, err = self.bb.run("prove", "-b", program, "-w", witness_path, "-k", vk, "-o", workdir,
                                    scratch=workdir, keep_fds=keep_fds)
         if code != 0 or bbformat.UNSATISFIED in err:
-            raise bb_error(code, err, (workdir, witness_path, self.path, vk, self.bb.crs_dir or ""))
-        return read_proof(workdir, code)
+            raise bb_error(code, err, (workdir, witness_path, program, vk, self.bb.crs_dir or ""))
+        try:
+            proof = read_proof(workdir, code)
+            self.check_proof(proof)
+        except ProverCrashed as exc:
+            if shutil.disk_usage(workdir).free < LOW_SPACE_BYTES:  # bb does not check every write
+                raise ResourceUnavailable(code, f"{exc.reason}, and its file system is full") from None
+            raise
+        if self.verify_proofs and not self.verify(os.path.join(workdir, "proof"),
+                                                  os.path.join(workdir, "public_inputs")):
+            raise ProofRejected(code, "proof failed verification: bb verify rejects the proof bb prove wrote")
+        return proof
+
+    def check_proof(self, proof):
+        """Check a Proof's length and number of public inputs against the VK; ProverCrashed if off."""
+        vk, _ = self.vk_bytes()
+        wanted = vk_public_inputs(vk) - PAIRING_POINT_FIELDS
+        if len(proof.public_inputs) != wanted and not self._rollup():
+            raise ProverCrashed(0, f"bb wrote {len(proof.public_inputs)} public inputs; the VK says {wanted}")
+        fixed, per_log_size = PROOF_FIELDS.get(self.bb.verifier_target, (None, None))
+        size = FIELD_BYTES * (fixed + per_log_size * vk_log_size(vk)) if fixed else None
+        if not proof.proof or len(proof.proof) % FIELD_BYTES or (size and len(proof.proof) != size):
+            expected = f"{size}" if size else "a whole number of 32-byte fields"
+            raise ProverCrashed(0, f"bb wrote a proof of {len(proof.proof)} bytes; this VK's proofs are {expected}")
 
     # -- verifying
 
@@ -612,6 +724,16 @@ def read_proof(workdir, returncode=0):
     except (OSError, ValueError) as exc:
         raise ProverCrashed(returncode, f"bb exited 0 without usable output: {exc}") from None
     return Proof(proof, public_inputs)
+
+
+def vk_log_size(vk):
+    """k for a circuit of dyadic size 2^k: the first 32-byte big-endian field of bb 5's binary VK (bytes)."""
+    return int.from_bytes(vk[:FIELD_BYTES], "big")
+
+
+def vk_public_inputs(vk):
+    """The number of public inputs a bb 5 binary VK (bytes) counts: its second field."""
+    return int.from_bytes(vk[FIELD_BYTES:2 * FIELD_BYTES], "big")
 
 
 def _flock(fd, deadline):

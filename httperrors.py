@@ -62,6 +62,11 @@ class ProofFailed(HTTPError):
     code, title = 422, "Proof generation failed"
 
 
+class ProofUnverified(HTTPError):
+    """bb wrote a proof that `bb verify` rejects, without reporting unsatisfied constraints: our fault."""
+    code, title = 500, "Proof failed verification"
+
+
 class ServiceUnavailable(HTTPError):
     """503 with Retry-After: `retry_after` seconds (a whole number, at least 1)."""
     code, title = 503, "Service unavailable"

@@ -14,7 +14,7 @@ from prometheus_client import multiprocess
 MULTIPROCESS = bool(os.environ.get("PROMETHEUS_MULTIPROC_DIR"))
 
 PROOFS = Counter("bb_worker_proofs_total", "Proof requests by circuit and outcome "
-                 "(success, rejected, timeout, crashed, unavailable, busy, client_gone).",
+                 "(success, rejected, unverified, out_of_memory, timeout, crashed, unavailable, busy, client_gone).",
                  ["circuit", "outcome"])
 VERIFICATIONS = Counter("bb_worker_verifications_total", "POST /api/verify requests by circuit and outcome "
                         "(valid, invalid, busy, timeout, crashed, unavailable).", ["circuit", "outcome"])

@@ -61,6 +61,13 @@ def _choice(name, default, choices):
     return raw
 
 
+def _bool(name, default):
+    raw = _raw(name, "1" if default else "0").lower()
+    if raw not in ("1", "true", "yes", "on", "0", "false", "no", "off"):
+        raise ConfigError(f"{name}={raw!r} must be 1/true/yes/on or 0/false/no/off")
+    return raw in ("1", "true", "yes", "on")
+
+
 def _circuit(name, default):
     path = os.path.abspath(_raw(name, default))
     try:
@@ -169,6 +176,11 @@ VERIFIER_TARGET = _choice("VERIFIER_TARGET", "", ("",) + VERIFIER_TARGETS) or No
 PROVE_TIMEOUT_SECONDS = _seconds("PROVE_TIMEOUT_SECONDS", 90)
 # bb's own variable, passed through to bb: bb aborts (SIGABRT) on every run when it is not a number.
 HARDWARE_CONCURRENCY = _int("HARDWARE_CONCURRENCY", 0, 1, 4096) if _raw("HARDWARE_CONCURRENCY", None) else None
+# Run `bb verify` on every proof before answering 200 (about 8 ms a proof).
+VERIFY_PROOFS = _bool("VERIFY_PROOFS", True)
+# Cap on each bb run's data segment (RLIMIT_DATA), MiB; 0 = none. A 2^18-row proof peaks at
+# 290-340 MiB resident, 290-580 MiB of data segment (1 to 32 threads): 2048 leaves room for it.
+BB_MEMORY_LIMIT_MB = _int("BB_MEMORY_LIMIT_MB", 2048, 0, 1 << 30)
 
 # Optional: serve every <name>.json in this directory at /api/prove/<name> too.
 CIRCUITS_DIR = _directory("CIRCUITS_DIR", None)
@@ -237,7 +249,7 @@ VERIFY_TIMEOUT_SECONDS = _seconds("VERIFY_TIMEOUT_SECONDS", 10)
 # ---------------------------------------------------------------- what the server serves
 # bbrunner.BB's keyword arguments: BB(**BB_OPTIONS), one shared by every circuit.
 BB_OPTIONS = {"binary": BB_BINARY, "crs_dir": BB_CRS_PATH, "timeout": PROVE_TIMEOUT_SECONDS,
-              "verifier_target": VERIFIER_TARGET}
+              "verifier_target": VERIFIER_TARGET, "memory_limit_mb": BB_MEMORY_LIMIT_MB or None}
 # name -> circuit JSON path: "default" (CIRCUIT_PATH, at /api/prove) first, then CIRCUITS_DIR's.
 CIRCUITS = {"default": CIRCUIT_PATH, **circuit_files()}
 

@@ -140,6 +140,32 @@ def spread_table(results):
     return head + "\n".join(rows) + "\n"
 
 
+VERIFY_SMALL_S = 0.012  # verify on − verify off at 2^10
+VERIFY_RATIO = 0.01     # (verify on − verify off) / floor, from 2^14 rows up
+
+
+def verify_table(results):
+    """Worker with and without `bb verify` per real-CRS size (markdown str), or "" when not measured."""
+    sizes = [s for s in results.get("sizes", []) if s.get("no_verify")]
+    if not sizes:
+        return ""
+    head = ("| size | floor p50 ms | verify on p50 ms | verify off p50 ms | difference ms | difference / floor | target |\n"
+            "|---|---:|---:|---:|---:|---:|---|\n")
+    rows = []
+    for s in sizes:
+        on, off, floor = med(s["worker"]), med(s["no_verify"]), med(s["floor"])
+        paired = med([a - b for a, b in zip(s["worker"], s["no_verify"])])
+        if s["log"] <= 10:
+            target = f"≤ {VERIFY_SMALL_S * 1000:.0f} ms: {verdict(on - off <= VERIFY_SMALL_S)}"
+        elif s["log"] >= 14:
+            target = f"≤ {VERIFY_RATIO:.0%}: {verdict((on - off) / floor <= VERIFY_RATIO)}"
+        else:
+            target = "-"
+        rows.append(f"| 2^{s['log']} | {ms(floor)} | {ms(on)} | {ms(off)} | {ms(on - off)} (paired {ms(paired)}) | "
+                    f"{(on - off) / floor:.2%} | {target} |")
+    return head + "\n".join(rows) + "\n"
+
+
 def breakdown_table(results):
     """Where the worker's time goes, per size (markdown str), or "" when the worker did not say."""
     sizes = [s for s in results.get("sizes", []) if s.get("handler")]
@@ -224,6 +250,14 @@ def markdown(results):
         "Spread (interquartile ranges) and the median of per-round ratios:\n",
         spread_table(results),
     ]
+    verification = verify_table(results)
+    if verification:
+        parts += ["\n## Cost of verifying every proof (issue 10)\n",
+                  "*verify on*: the worker as shipped (`VERIFY_PROOFS=1`, the *worker* column above); *verify "
+                  "off*: a second worker with `VERIFY_PROOFS=0`, in the same rounds. Targets: at most "
+                  f"{VERIFY_SMALL_S * 1000:.0f} ms at 2^10, at most {VERIFY_RATIO:.0%} of the floor from 2^14 up. "
+                  "Real-CRS sizes only: dev-CRS proofs cannot verify, so those sizes run with `VERIFY_PROOFS=0`.\n",
+                  verification]
     breakdown = breakdown_table(results)
     if breakdown:
         parts += [

@@ -8,6 +8,9 @@ shared and noisy, so only same-run medians and their ratios mean anything):
   worker      POST /api/prove to our worker on 127.0.0.1, one client: upload + prove + JSON
   upload      POST of the same witness minus its last byte: the worker reads and
               inflates it all, then answers 400 without running bb (its overhead before bb)
+  no verify   (real CRS only) the worker with VERIFY_PROOFS=0: worker − this is what `bb verify`
+              before every 200 costs. On the dev CRS proofs cannot verify, so there the
+              worker runs with VERIFY_PROOFS=0 and this step is skipped.
 
 then concurrency 1, 2, 4, 8 clients at one size with MAX_CONCURRENT_PROOFS at its
 default and set high, sampling the total RSS of bb processes. See bench/README.md.
@@ -224,10 +227,14 @@ def latency_phase(opts, log, crs, crs_kind, work):
     truncated = size["witness"][:-1]
     rec = {"log": log, "n": SIZES[log], "acir_opcodes": acir, "rows": rows, "dyadic_log": dyadic_log,
            "witness_bytes": len(size["witness"]), "crs": crs_kind, "repeats": repeats}
-    env = {"CIRCUIT_PATH": size["circuit"], "BB_BINARY": bb, "BB_CRS_PATH": crs}
+    verifies = crs_kind == "real"  # dev-CRS proofs never verify: the worker must not check them there
+    env = {"CIRCUIT_PATH": size["circuit"], "BB_BINARY": bb, "BB_CRS_PATH": crs,
+           "VERIFY_PROOFS": "1" if verifies else "0"}
     meter = measure.CpuMeter().start()
-    with measure.Server(fresh_dir(os.path.join(work, "server")), env) as server:
+    with measure.Server(fresh_dir(os.path.join(work, "server")), env) as server, \
+            measure.Server(fresh_dir(os.path.join(work, "server-nv")), {**env, "VERIFY_PROOFS": "0"}) as unverified:
         server.wait_ready()
+        unverified.wait_ready()
 
         def floor(sample_rss=False):
             run = measure.run_bb(bb_argv(bb, size, fresh_dir(os.path.join(work, "floor")), crs, vk),
@@ -247,6 +254,11 @@ def latency_phase(opts, log, crs, crs_kind, work):
                 raise BenchError(f"{exc}\nserver log:\n{server.output_tail()}") from None
             return reply
 
+        def no_verify():
+            reply = measure.prove(unverified.port, size["witness"])
+            check_reply(reply, size, f"2^{log} (VERIFY_PROOFS=0)")
+            return reply.seconds
+
         def upload():
             reply = measure.prove(server.port, truncated)
             if reply.status != 400:
@@ -259,12 +271,14 @@ def latency_phase(opts, log, crs, crs_kind, work):
         rec["rust_rss"] = [rust(sample_rss=True)[1]]
         reply = worker()
         upload()
+        if verifies:
+            no_verify()
         rec["proof_bytes"] = len(reply.proof)
         if crs_kind == "real":
             if not measure.verify(bb, vk, reply.proof, reply.public_inputs, crs):
                 raise BenchError(f"2^{log}: bb verify rejected the worker's proof")
             rec["verified"] = True
-        steps = ["floor", "rust", "worker", "upload"]
+        steps = ["floor", "rust", "worker", "upload"] + (["no_verify"] if verifies else [])
         rounds = []
         most = 2 * repeats if opts.reruns else repeats
         while sum(r["load"] <= NOISY_CORES for r in rounds) < repeats and len(rounds) < most:
@@ -272,7 +286,7 @@ def latency_phase(opts, log, crs, crs_kind, work):
             before = measure.Load.snap()
             one = {"waited": waited}
             i = len(rounds)
-            for step in steps[i % 4:] + steps[:i % 4]:
+            for step in steps[i % len(steps):] + steps[:i % len(steps)]:
                 if step == "floor":
                     one["floor"] = floor()[0]
                 elif step == "rust":
@@ -285,6 +299,8 @@ def latency_phase(opts, log, crs, crs_kind, work):
                     one["worker"], one["request_id"] = reply.seconds, reply.request_id
                     if bb_before is not None and bb_after is not None:
                         one["bb_in_worker"] = bb_after - bb_before
+                elif step == "no_verify":
+                    one["no_verify"] = no_verify()
                 else:
                     one["upload"] = upload()
             one["load"] = measure.Load.between(before, measure.Load.snap())["other_cores"]
@@ -301,7 +317,7 @@ def latency_phase(opts, log, crs, crs_kind, work):
     rec["rounds_discarded"] = len(rounds) - len(kept)
     rec["round_load"] = [r["load"] for r in kept]
     rec["waited"] = sum(r["waited"] for r in rounds)
-    for key in ("floor", "rust", "worker", "upload"):
+    for key in ("floor", "rust", "worker", "upload") + (("no_verify",) if verifies else ()):
         rec[key] = [r[key] for r in kept]
     if all("handler" in r and "bb_in_worker" in r for r in kept):  # where the worker's time goes
         rec["handler"] = [r["handler"] for r in kept]

@@ -56,10 +56,10 @@ def test_witness_of_another_circuit_is_422_with_readable_reason(server):
     assert server.leftovers() == []
 
 
-def test_gzip_of_garbage_is_422_from_bb(server):
+def test_gzip_of_garbage_is_400_before_bb(server):
     status, _, body = request_json(server.port, "POST", "/api/prove", gzip.compress(b"not a witness" * 10))
-    assert status == 422
-    assert "msgpack" in body["message"]
+    assert status == 400
+    assert "format byte 0x6e" in body["message"] and "msgpack-compact" in body["message"]
     assert server.leftovers() == []
 
 

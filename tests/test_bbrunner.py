@@ -1,6 +1,10 @@
 """bbrunner without HTTP: bb's output, ELF headers, process groups, the version cache, the VK, slots."""
+import functools
+import gzip
 import os
 import platform
+import re
+import resource
 import shutil
 import signal
 import struct
@@ -243,9 +247,10 @@ exit 1
 """
 
 
-def make_prover(binary, tmp_path, crs_dir=None, **options):
+def make_prover(binary, tmp_path, crs_dir=None, verify=True, **options):
     """The one place a Circuit (with its BB) is built in this file."""
-    return bbrunner.Circuit(bbrunner.BB(binary, crs_dir=crs_dir, **options), CIRCUIT, str(tmp_path / "vk-cache"))
+    return bbrunner.Circuit(bbrunner.BB(binary, crs_dir=crs_dir, **options), CIRCUIT, str(tmp_path / "vk-cache"),
+                            verify=verify)
 
 
 def calls(counter):
@@ -452,7 +457,9 @@ def fake_prove_bb(tmp_path, body):
         out = args[args.index("-o") + 1]
         if args[0] == "write_vk":
             os.makedirs(out, exist_ok=True)
-            open(os.path.join(out, "vk"), "wb").write(b"vk")
+            head = (12).to_bytes(32, "big") + (9).to_bytes(32, "big") + (5).to_bytes(32, "big")
+            open(os.path.join(out, "vk"), "wb").write(head + bytes(3680 - 96))
+            open(os.path.join(out, "vk_hash"), "wb").write(bytes(32))
             sys.exit(0)
         {body}
         """)
@@ -515,3 +522,141 @@ def test_circuit_verify_tells_rejected_proofs_from_server_faults(bb, crs_dir, tm
         bbrunner.verify_verdict(*circuit.bb.run("verify", "-k", vk, "-p", proof, "-i", inputs)[::2])
     with pytest.raises(bbrunner.ProverCrashed, match="signal"):
         bbrunner.verify_verdict(-9, b"")
+
+
+# ---------------------------------------------------------------- verification, output checks, memory (issue 10)
+
+def prove_into(prover, tmp_path, witness_path):
+    out = tmp_path / "out"
+    shutil.rmtree(out, ignore_errors=True)
+    out.mkdir()
+    return prover.prove(str(witness_path), str(out))
+
+
+def test_verification_catches_a_proof_bb_prove_exits_0_on(bb, crs_dir, tmp_path):
+    """An empty witness (the app rejects it first) makes bb exit 0 with a proof bb verify rejects."""
+    empty = tmp_path / "empty.gz"
+    empty.write_bytes(gzip.compress(b""))
+    prover = make_prover(bb, tmp_path, crs_dir)
+    with pytest.raises(bbrunner.ProofRejected, match="proof failed verification") as info:
+        prove_into(prover, tmp_path, empty)
+    assert info.value.returncode == 0  # bb prove's: it exited 0
+    unchecked = make_prover(bb, tmp_path, crs_dir, verify=False)
+    assert prove_into(unchecked, tmp_path, empty).public_inputs  # VERIFY_PROOFS=0 lets it through
+
+
+def test_unsatisfied_witness_stays_422_not_a_verification_failure(bb, crs_dir, tmp_path):
+    with pytest.raises(bbrunner.ProverFailed, match="does not satisfy"):
+        prove_into(make_prover(bb, tmp_path, crs_dir), tmp_path, os.path.join(FIXTURES, "unsatisfied.gz"))
+
+
+def test_circuit_file_replaced_on_disk_cannot_pair_with_the_served_vk(bb, crs_dir, reference_vk, tmp_path, verify):
+    served = tmp_path / "circuit.json"
+    shutil.copyfile(CIRCUIT, served)
+    prover = bbrunner.Circuit(bbrunner.BB(bb, crs_dir=crs_dir), str(served), str(tmp_path / "vk-cache"))
+    vk = prover.ensure_vk()
+    shutil.copyfile(os.path.join(FIXTURES, "other_circuit.json"), served)  # replaced while serving
+    proof = prove_into(prover, tmp_path, os.path.join(FIXTURES, "valid_1.gz"))
+    assert proof.public_inputs == expected()["valid_1.gz"]["public_inputs"]
+    assert verify(proof.proof, proof.public_inputs, vk=vk)
+    with open(os.path.join(os.path.dirname(vk), bbrunner.CIRCUIT_FILE), "rb") as f, open(CIRCUIT, "rb") as g:
+        assert f.read() == g.read()  # bb proves the copy made at start
+
+
+def test_memory_limit_below_what_bb_needs_is_out_of_memory(bb, crs_dir, tmp_path):
+    prover = make_prover(bb, tmp_path, crs_dir)
+    prover.ensure_vk()
+    limited = bbrunner.Circuit(bbrunner.BB(bb, crs_dir=crs_dir, memory_limit_mb=12), CIRCUIT, str(tmp_path / "vk-cache"))
+    with pytest.raises(bbrunner.ProverOutOfMemory, match=r"^bb ran out of memory \(limit 12 MiB\)$"):
+        prove_into(limited, tmp_path, os.path.join(FIXTURES, "valid_1.gz"))
+    roomy = bbrunner.Circuit(bbrunner.BB(bb, crs_dir=crs_dir, memory_limit_mb=256), CIRCUIT, str(tmp_path / "vk-cache"))
+    assert prove_into(roomy, tmp_path, os.path.join(FIXTURES, "valid_1.gz")).public_inputs
+
+
+def test_memory_limit_is_rlimit_data_in_the_child_only():
+    code = "import resource, sys; sys.stdout.write(str(resource.getrlimit(resource.RLIMIT_DATA)[0]))"
+    for limit, expected in ((100, 100 * 1024 * 1024), (None, resource.getrlimit(resource.RLIMIT_DATA)[0])):
+        out = subprocess.run([sys.executable, "-c", code], preexec_fn=functools.partial(bbrunner.child_setup, os.getpid(), limit),
+                             capture_output=True, check=True).stdout
+        assert int(out) == expected
+    assert resource.getrlimit(resource.RLIMIT_DATA)[0] != 100 * 1024 * 1024  # the server's own is untouched
+
+
+@pytest.mark.parametrize("mode, error, words", [
+    ("unverified", bbrunner.ProofRejected, "proof failed verification: bb verify rejects the proof bb prove wrote"),
+    ("shortproof", bbrunner.ProverCrashed, "bb wrote a proof of 4096 bytes; this VK's proofs are 14656"),
+    ("oom", bbrunner.ProverOutOfMemory, "bb ran out of memory (limit 64 MiB)"),
+])
+def test_fake_bb_faults_after_prove(fake_bb, tmp_path, monkeypatch, mode, error, words):
+    monkeypatch.setenv("FAKE_BB_MODE", mode)
+    prover = bbrunner.Circuit(bbrunner.BB(fake_bb, memory_limit_mb=64), CIRCUIT, str(tmp_path / "vk-cache"))
+    with pytest.raises(error) as info:
+        prove_into(prover, tmp_path, os.path.join(FIXTURES, "valid_1.gz"))
+    assert str(info.value) == words
+
+
+def test_public_input_count_is_checked_against_the_vk(fake_bb, tmp_path):
+    prover = bbrunner.Circuit(bbrunner.BB(fake_bb), CIRCUIT, str(tmp_path / "vk-cache"))
+    prover.ensure_vk()
+    proof = bbrunner.Proof(b"P" * 14656, ["0x" + "00" * 32] * 2)
+    with pytest.raises(bbrunner.ProverCrashed, match="bb wrote 2 public inputs; the VK says 1"):
+        prover.check_proof(proof)
+
+
+@pytest.mark.parametrize("vk, vk_hash, words", [
+    ((12).to_bytes(32, "big") + (3).to_bytes(32, "big") + bytes(3680 - 64), bytes(32), "counts 3 public inputs"),
+    ((12).to_bytes(32, "big") + (9).to_bytes(32, "big") + bytes(100), bytes(32), "not a whole number of fields"),
+    ((40).to_bytes(32, "big") + (9).to_bytes(32, "big") + bytes(3680 - 64), bytes(32), "2^40 rows"),
+    ((12).to_bytes(32, "big") + (9).to_bytes(32, "big") + bytes(3680 - 64), bytes(31), "vk_hash is 31 bytes"),
+], ids=["public-inputs", "length", "size", "hash"])
+def test_a_vk_that_does_not_fit_the_circuit_is_never_cached(tmp_path, vk, vk_hash, words):
+    binary = write_script(tmp_path / "bb", f"""\
+        #!{sys.executable}
+        import os, sys
+        args = sys.argv[1:]
+        if args == ["--version"]:
+            print("5.0.0-fake"); sys.exit(0)
+        out = args[args.index("-o") + 1]
+        open(os.path.join(out, "vk"), "wb").write({vk!r})
+        open(os.path.join(out, "vk_hash"), "wb").write({vk_hash!r})
+        """)
+    prover = make_prover(binary, tmp_path)
+    with pytest.raises(bbrunner.ProverCrashed, match=f"unusable verification key: .*{re.escape(words)}"):
+        prover.ensure_vk()
+    assert os.listdir(tmp_path / "vk-cache") == [".lock"]
+
+
+@pytest.fixture
+def small_tmpfs(tmp_path):
+    """A 16 KiB tmpfs (root only): room for bb's public inputs, not for a 14656-byte proof."""
+    mount = tmp_path / "tmpfs"
+    mount.mkdir()
+    done = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=16k,mode=0700", "tmpfs", str(mount)],
+                          capture_output=True)
+    if done.returncode != 0:
+        pytest.skip(f"cannot mount a tmpfs here: {done.stderr.decode().strip()}")
+    try:
+        yield mount
+    finally:
+        subprocess.run(["umount", "-l", str(mount)], check=True)
+
+
+def test_a_full_disk_while_bb_writes_is_no_space_never_a_proof(bb, crs_dir, tmp_path, small_tmpfs):
+    prover = make_prover(bb, tmp_path, crs_dir)
+    prover.ensure_vk()
+    (small_tmpfs / "filler").write_bytes(b"x" * 4096)  # what other requests' witnesses take
+    out = small_tmpfs / "out"
+    out.mkdir()
+    with pytest.raises(bbrunner.ResourceUnavailable, match="No space left on device"):  # bb 5 checks this write
+        prover.prove(os.path.join(FIXTURES, "valid_1.gz"), str(out))
+
+
+def test_a_short_proof_on_a_full_disk_is_no_space(fake_bb, tmp_path, small_tmpfs, monkeypatch):
+    """A bb that does not check its writes exits 0 with a short proof: the size check and free space tell."""
+    monkeypatch.setenv("FAKE_BB_MODE", "shortproof")
+    (small_tmpfs / "filler").write_bytes(b"x" * 8192)
+    out = small_tmpfs / "out"
+    out.mkdir()
+    prover = bbrunner.Circuit(bbrunner.BB(fake_bb), CIRCUIT, str(tmp_path / "vk-cache"))
+    with pytest.raises(bbrunner.ResourceUnavailable, match="proof of 4096 bytes.*file system is full"):
+        prover.prove(os.path.join(FIXTURES, "valid_1.gz"), str(out))

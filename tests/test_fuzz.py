@@ -3,6 +3,7 @@
 Whatever the body and headers: never a 5xx except the documented ones, never a
 traceback in the body, always the JSON error shape, nothing left in the temp dir.
 """
+import base64
 import gzip
 import io
 import json
@@ -11,6 +12,7 @@ import socket
 import wsgiref.util
 import wsgiref.validate
 
+import msgpack
 import pytest
 from hypothesis import HealthCheck, given, settings, strategies as st
 
@@ -152,4 +154,39 @@ def test_live_prove_answers_documented_statuses(fuzz_server, body, content_type,
         lines.append(f"Content-Length: {len(body)}")
     status, headers, data = raw_request(fuzz_server.port, lines, body, chunked)
     check_answer(status, headers, data)
+    assert fuzz_server.leftovers() == []
+
+
+# ---------------------------------------------------------------- well-formed witness stacks (issue 10)
+
+VALID_MAP = msgpack.unpackb(gzip.decompress(fixture_bytes("valid_1.gz"))[1:], strict_map_key=False)[0][0][1]
+field_values = st.one_of(st.binary(min_size=32, max_size=32),
+                         st.integers(0, 2 ** 256 - 1).map(lambda v: v.to_bytes(32, "big")),
+                         st.sampled_from(sorted(set(VALID_MAP.values()))))
+indices = st.one_of(st.integers(0, 797), st.integers(798, 2 ** 32 - 1), st.sampled_from([797, 798, 2 ** 28]))
+
+
+@st.composite
+def witness_stacks(draw):
+    """A gzipped msgpack-compact witness stack: the valid one edited, or one made up, random indices and values."""
+    if draw(st.booleans()):
+        witness_map = dict(VALID_MAP)
+        for index in draw(st.lists(st.sampled_from(sorted(VALID_MAP)), max_size=3)):
+            witness_map.pop(index, None)
+        witness_map.update(draw(st.dictionaries(indices, field_values, max_size=3)))
+    else:
+        witness_map = draw(st.dictionaries(indices, field_values, min_size=1, max_size=40))
+    function_index = draw(st.sampled_from([0, 0, 1, 2 ** 31]))
+    return gzip.compress(b"\x03" + msgpack.packb([[[function_index, witness_map]]]))
+
+
+@settings(max_examples=25, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(body=witness_stacks())
+def test_live_witness_stacks_never_get_a_proof_bb_rejects(fuzz_server, verify, body):
+    """Well-formed stacks, random indices and values: documented statuses only, and every 200 verifies."""
+    status, headers, data = raw_request(fuzz_server.port, [f"Content-Length: {len(body)}"], body, False)
+    check_answer(status, headers, data)
+    if status == 200:
+        payload = json.loads(data)
+        assert verify(base64.b64decode(payload["proof"]), payload["publicInputs"])
     assert fuzz_server.leftovers() == []

@@ -10,6 +10,7 @@ import sys
 import threading
 import time
 
+import msgpack
 import pytest
 
 import bbrunner
@@ -277,13 +278,23 @@ def test_304_has_no_content_length(start_server, fake_bb):
     assert "content-length" not in headers
 
 
+def circuit_with_public_inputs(path, count):
+    """A program JSON (for the fake bb) whose `count` return values are the demo witness's last indices."""
+    last = 797  # the demo witness's largest index: its witness fits this circuit
+    function = ["main", [], list(range(last + 1 - count)), [], list(range(last + 1 - count, last + 1)), []]
+    bytecode = gzip.compress(b"\x03" + msgpack.packb([[function], []]))
+    path.write_text(json.dumps({"noir_version": "1.0.0-beta.26", "bytecode": base64.b64encode(bytecode).decode()}))
+    return str(path)
+
+
 @pytest.mark.parametrize("count, accept, shape", [
     (45, "application/octet-stream", "header"),  # 45 x 67 - 1 = 3014 bytes
     (46, "application/octet-stream", "count"),  # 3081 bytes: over PUBLIC_INPUTS_HEADER_BYTES
     (46, "application/octet-stream, application/json;q=0.5", "json"),
 ])
-def test_public_inputs_header_is_bounded(start_server, fake_bb, count, accept, shape):
-    srv = start_server(BB_BINARY=fake_bb, FAKE_BB_PUBLIC_INPUTS=count)
+def test_public_inputs_header_is_bounded(start_server, fake_bb, tmp_path, count, accept, shape):
+    circuit = circuit_with_public_inputs(tmp_path / "circuit.json", count)
+    srv = start_server(BB_BINARY=fake_bb, FAKE_BB_PUBLIC_INPUTS=count, CIRCUIT_PATH=circuit)
     status, headers, body = request(srv.port, "POST", "/api/prove", WITNESS, headers={"Accept": accept})
     assert status == 200
     expected = [f"0x{7 + i:064x}" for i in range(count)]
@@ -291,7 +302,7 @@ def test_public_inputs_header_is_bounded(start_server, fake_bb, count, accept, s
         assert headers["content-type"] == "application/json"
         assert json.loads(body)["publicInputs"] == expected
         return
-    assert headers["content-type"] == "application/octet-stream" and body == b"P" * 64
+    assert headers["content-type"] == "application/octet-stream" and body == b"P" * 14656
     if shape == "header":
         assert headers["x-public-inputs"].split(",") == expected
     else:

@@ -1,5 +1,6 @@
 """The WSGI callable called directly (no network, no bb): routing, headers, errors, body checks."""
 import base64
+import copy
 import gzip
 import json
 import os
@@ -7,6 +8,7 @@ import platform
 import re
 import time
 import uuid
+import zlib
 from datetime import datetime, timezone
 from wsgiref.util import setup_testing_defaults
 from wsgiref.validate import validator
@@ -16,7 +18,8 @@ import pytest
 
 import admission
 import bbrunner
-from conftest import fixture_bytes
+import witness
+from conftest import CIRCUIT, fixture_bytes
 
 MiB = 1024 * 1024
 ISO_Z = re.compile(r"^\d{4}-\d{2}-\d{2}T\d{2}:\d{2}:\d{2}\.\d{3}Z$")
@@ -36,6 +39,7 @@ class StubCircuit:
     """Stands in for a bbrunner.Circuit and its BB: records calls, returns a proof or raises `error`."""
 
     verifier_target = None
+    acir = witness.Circuit.from_file(CIRCUIT)
 
     @property
     def bb(self):
@@ -273,6 +277,11 @@ def test_chunked_body_without_content_length_is_read_to_the_end(worker, prover, 
      "bb crashed: bb was killed by signal SIGSEGV"),
     (bbrunner.ProverUnavailable("cannot run bb: No such file or directory"), 500, "Internal server error",
      "bb is not available: cannot run bb: No such file or directory"),
+    (bbrunner.ProofRejected(1, "proof failed verification: Proof verification failed"), 500,
+     "Proof failed verification", "proof failed verification: Proof verification failed"),
+    (bbrunner.ProverOutOfMemory(-6, 2048), 500, "Internal server error", "bb ran out of memory (limit 2048 MiB)"),
+    (bbrunner.ResourceUnavailable(0, "bb wrote a proof of 4096 bytes, and its file system is full"), 503,
+     "Service unavailable", "a server resource failed: bb wrote a proof of 4096 bytes, and its file system is full"),
 ])
 def test_prover_errors_map_to_status_codes(app, work_dir, error, code, title, message):
     stub = StubCircuit(error=error)
@@ -280,7 +289,7 @@ def test_prover_errors_map_to_status_codes(app, work_dir, error, code, title, me
     assert status == code
     assert body == {"error": title, "message": message}
     assert len(stub.calls) == 1
-    assert "Retry-After" not in headers
+    assert ("Retry-After" in headers) == (code == 503)
     assert os.listdir(work_dir) == []
 
 
@@ -375,6 +384,8 @@ def test_content_length_over_the_limit_is_413_without_reading(worker, prover, wo
 @pytest.mark.parametrize("environ", [{"wsgi.input_terminated": True}, {"HTTP_TRANSFER_ENCODING": "chunked"}],
                          ids=["input-terminated", "chunked"])
 def test_body_over_the_limit_without_content_length_is_413(worker, prover, work_dir, environ):
+    prover.acir = copy.copy(prover.acir)
+    prover.acir.max_witness_bytes = 64 * MiB  # a circuit whose witnesses may be that big
     stream = Stream(gzip.compress(os.urandom(3 * MiB // 2), compresslevel=1))
     code, _, payload = prove(worker, None, stream=stream, **environ)
     assert code == 413
@@ -416,10 +427,10 @@ def test_gzip_bomb_is_413_and_never_proved(app, prover, work_dir):
 
 
 def test_witness_size_limit_is_exact(app, prover, work_dir):
-    raw = os.urandom(5000)
-    data = gzip.compress(raw)
-    assert prove(make_worker(app, prover, work_dir, max_witness_bytes=5000), data)[0] == 200
-    assert prove(make_worker(app, prover, work_dir, max_witness_bytes=4999), data)[0] == 413
+    data = fixture_bytes("valid_1.gz")
+    size = len(gzip.decompress(data))
+    assert prove(make_worker(app, prover, work_dir, max_witness_bytes=size), data)[0] == 200
+    assert prove(make_worker(app, prover, work_dir, max_witness_bytes=size - 1), data)[0] == 413
     assert len(prover.calls) == 1
     assert os.listdir(work_dir) == []
 
@@ -436,7 +447,8 @@ def test_stalled_upload_is_408(app, prover, work_dir):
 
 
 @pytest.mark.parametrize("split", [1, 10, None])
-def test_multi_member_gzip_is_one_witness(app, tmp_path, split):
+def test_multi_member_gzip_is_rewritten_as_one_for_bb(app, tmp_path, split):
+    """bb reads only the first gzip member (checked with bb 5): it gets the whole checked witness as one."""
     a, b = gzip.compress(b"first" * 100), gzip.compress(b"second" * 100)
     data = a + b
     sink = app.WitnessSink(str(tmp_path / "w.gz"), 10_000, 10_000)
@@ -444,7 +456,19 @@ def test_multi_member_gzip_is_one_witness(app, tmp_path, split):
     sink.write(data[:cut])
     sink.write(data[cut:])
     sink.finish()
-    assert sink.inflated == 1100
+    assert sink.inflated == 1100 and sink.witness == b"first" * 100 + b"second" * 100
+    written = (tmp_path / "w.gz").read_bytes()
+    assert zlib.decompressobj(16 + zlib.MAX_WBITS).decompress(written) == sink.witness  # in its first member
+
+
+@pytest.mark.parametrize("split", [1, 10, 100])
+def test_one_member_in_any_chunks_is_kept_whole(app, tmp_path, split):
+    data = fixture_bytes("valid_1.gz")
+    sink = app.WitnessSink(str(tmp_path / "w.gz"), 100_000, 100_000)
+    for i in range(0, len(data), split):
+        sink.write(data[i:i + split])
+    sink.finish()
+    assert sink.witness == gzip.decompress(data)
     assert (tmp_path / "w.gz").read_bytes() == data
 
 
