@@ -734,7 +734,8 @@ class App:
         try:
             read_body(environ, sink, self.limits.upload_timeout, self.limits.upload_deadline)
             sink.finish()
-            witness.check_witness(sink.witness, circuit)
+            if circuit is not None:  # None: the circuit could not be decoded (bbrunner.Circuit.acir_error)
+                witness.check_witness(sink.witness, circuit)
         except witness.WitnessError as exc:
             raise WITNESS_ERRORS[exc.status](exc.message) from None
         except OSError as exc:

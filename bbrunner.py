@@ -19,6 +19,7 @@ subclasses, told apart by bb's messages (bbformat.classify): the witness's fault
 import errno
 import fcntl
 import hashlib
+import logging
 import os
 import re
 import resource
@@ -453,8 +454,9 @@ class Circuit:
     these bytes, kept beside their VK, so a file changed on disk later cannot be paired with
     this VK. vk_cache_dir: where verification keys are cached, one subdirectory per (circuit
     bytes, bb version, verifier target). verify: run `bb verify` on every proof before
-    prove() returns it. Raises OSError, or witness.CircuitError for a file bb cannot prove.
-    `acir` is the witness.Circuit decoded from the same bytes (witness checks).
+    prove() returns it. Raises OSError. `acir` is the witness.Circuit decoded from the same
+    bytes (witness checks), or None when it cannot be decoded (`acir_error` says why; bb then
+    judges the circuit and its witnesses alone, readiness reporting what bb says).
     """
 
     def __init__(self, bb, path, vk_cache_dir, verify=True):
@@ -465,7 +467,11 @@ class Circuit:
         with open(path, "rb") as f:
             self.program = f.read()
         self.sha256 = hashlib.sha256(self.program).hexdigest()
-        self.acir = witness.Circuit.from_json(self.program)
+        try:
+            self.acir, self.acir_error = witness.Circuit.from_json(self.program), None
+        except witness.CircuitError as exc:
+            self.acir, self.acir_error = None, str(exc)
+            logging.getLogger("bb_worker").warning("%s: witnesses are not checked before bb: %s", path, exc)
         self._vk_cache = None  # (vk path, vk bytes, vk_hash bytes)
         self._vk_lock = Semaphore()
         self.vk_error = None  # why the last attempt to compute the VK failed (str), until one succeeds
@@ -590,7 +596,8 @@ class Circuit:
             problem = f"vk is {len(vk)} bytes, not a whole number of fields"
         elif not 1 <= vk_log_size(vk) <= bbformat.MAX_LOG_CIRCUIT_SIZE:
             problem = f"vk states a circuit of 2^{vk_log_size(vk)} rows"
-        elif vk_public_inputs(vk) != self.acir.public_inputs + PAIRING_POINT_FIELDS and not self._rollup():
+        elif self.acir and vk_public_inputs(vk) != self.acir.public_inputs + PAIRING_POINT_FIELDS and \
+                not self._rollup():
             problem = (f"vk counts {vk_public_inputs(vk)} public inputs; the circuit has {self.acir.public_inputs} "
                        f"(+{PAIRING_POINT_FIELDS} pairing point fields)")
         if problem:

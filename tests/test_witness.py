@@ -181,3 +181,12 @@ def test_other_circuits_witness_passes_the_demo_bound_but_not_the_reverse():
     other = witness.Circuit.from_file(os.path.join(FIXTURES, "other_circuit.json"))
     status, message = rejected(gzip.decompress(fixture_bytes("valid_1.gz")), other)
     assert status == 422 and "another circuit" in message
+
+
+def test_a_circuit_the_decoder_cannot_read_is_served_unchecked(tmp_path, bb):
+    """bbrunner.Circuit keeps serving it (bb and readiness judge it) and says why witnesses are not checked."""
+    import bbrunner
+    path = tmp_path / "broken.json"
+    path.write_text('{"noir_version": "1.0.0-beta.26", "bytecode": "H4sIAAAA"}')
+    circuit = bbrunner.Circuit(bbrunner.BB(bb), str(path), str(tmp_path / "vk"))
+    assert circuit.acir is None and "gzipped base64 bytecode" in circuit.acir_error
