@@ -1,0 +1,310 @@
+"""Proof scheduling: how many bb run at once, and with how many threads each.
+
+bb's threads scale poorly (bench/RESULTS.md): on 2 cores two proofs with one thread each
+give 1.13x (2^18 rows) to 1.3x (2^12 rows) the throughput of one proof with two threads,
+while a lone proof finishes fastest with every core. So the scheduler gives a request
+that finds nobody waiting all the cores, and splits the cores when requests queue:
+
+- a proof starts when fewer than `cap` run, at least one core is free (cores minus the
+  threads of the running bb), and the peak RSS of the running bb plus its own stays
+  within the memory budget (a lone proof always starts);
+- it gets the free cores divided among the requests that could start now
+  (`free // min(waiting, room)`, at least 1), and keeps them until bb exits (bb reads
+  `HARDWARE_CONCURRENCY` once, at start);
+- a request that finds the cores taken waits, even by a lone proof holding every core:
+  starting it on top would oversubscribe the cores and slow the running proof. When
+  that proof ends, the waiting requests start together with the cores split.
+- until a circuit's peak RSS is known (measured on its first proof, or its VK
+  computation), its proofs run only when nothing else does.
+
+The decision is `plan()`, a pure function. `Scheduler` applies it across every process
+sharing one directory: each running proof holds `slot-<i>.lock` with flock() and writes
+its threads and peak bytes there; each process keeps its count of waiting requests in
+`waiting-<pid>`, flocked for the life of the process; peaks per circuit live in
+`peak-<key>`; `state.lock` serialises decisions. The kernel drops a dead process's
+locks, so a killed worker leaks neither a slot nor a waiter.
+"""
+import errno
+import fcntl
+import os
+import time
+from collections import deque, namedtuple
+
+import gevent
+from gevent.event import Event
+
+Running = namedtuple("Running", "threads peak_bytes")
+Running.__doc__ = """One running bb: its thread count and its circuit's peak RSS in bytes (0 = unknown)."""
+
+Grant = namedtuple("Grant", "fd threads")
+Grant.__doc__ = """A started proof: `fd` holds the slot's flock (release() closes it); `threads` for bb."""
+
+
+class SlotTimeout(Exception):
+    """No proof slot became free in time."""
+
+
+def plan(cores, cap, budget_bytes, running, waiting, peak_bytes):
+    """Threads (int) to start one more proof with now, or 0 to keep waiting.
+
+    cores: threads all bb together may use (>= 1). cap: bb at once at most (>= 1).
+    budget_bytes: what the peak RSS of all running bb together may reach.
+    running: list of Running. waiting: requests that wait for a slot, this one included (>= 1).
+    peak_bytes: this proof's expected peak RSS (bytes), or 0/None when not yet measured.
+    """
+    if not running:
+        if not peak_bytes:
+            return cores  # learn the peak on a lone proof
+        room = min(cap, cores, max(1, budget_bytes // peak_bytes))
+        return max(1, cores // min(waiting, room))
+    if not peak_bytes or any(not r.peak_bytes for r in running):
+        return 0
+    free = cores - sum(r.threads for r in running)
+    used = sum(r.peak_bytes for r in running)
+    room = min(cap - len(running), (budget_bytes - used) // peak_bytes)
+    if free < 1 or room < 1:
+        return 0
+    return max(1, free // min(waiting, room))
+
+
+# ---------------------------------------------------------------- machine limits
+
+def available_cores():
+    """CPUs this process may use (int): its affinity, capped by a cgroup CPU quota if any."""
+    cores = len(os.sched_getaffinity(0))
+    for path, parse in (("/sys/fs/cgroup/cpu.max", lambda t: t.split()),
+                        ("/sys/fs/cgroup/cpu/cpu.cfs_quota_us", None)):
+        try:
+            with open(path) as f:
+                text = f.read()
+            if parse:
+                quota, period = parse(text)
+            else:
+                quota = text.strip()
+                with open("/sys/fs/cgroup/cpu/cpu.cfs_period_us") as f:
+                    period = f.read().strip()
+            if quota not in ("max", "-1"):
+                cores = min(cores, max(1, -(-int(quota) // int(period))))
+            break
+        except (OSError, ValueError):
+            continue
+    return cores
+
+
+def available_memory():
+    """Bytes (int) this process's cgroup may use, else the machine's MemTotal."""
+    for path in ("/sys/fs/cgroup/memory.max", "/sys/fs/cgroup/memory/memory.limit_in_bytes"):
+        try:
+            with open(path) as f:
+                text = f.read().strip()
+            if text != "max" and int(text) < 1 << 60:
+                return int(text)
+        except (OSError, ValueError):
+            continue
+    with open("/proc/meminfo") as f:
+        for line in f:
+            if line.startswith("MemTotal:"):
+                return int(line.split()[1]) * 1024
+    raise OSError("no MemTotal in /proc/meminfo")
+
+
+# ---------------------------------------------------------------- shared state
+
+class Scheduler:
+    """At most `cap` proofs at once across every process sharing `state_dir`, cores split by plan().
+
+    cores: threads all bb together may use. cap: bb at once at most (1 keeps one proof at a
+    time with every core). budget_bytes: peak RSS all running bb together may reach.
+    Within a process waiters line up first come, first served (only the oldest polls the
+    shared state, every `poll` seconds, or at once when a proof of this process ends);
+    across processes the heads of the lines compete.
+    """
+
+    def __init__(self, state_dir, cores, cap, budget_bytes, poll=0.02):
+        self.state_dir = state_dir  # created on first use
+        self.cores = cores
+        self.cap = min(cap, cores)
+        self.budget_bytes = budget_bytes
+        self.poll = poll
+        self.paths = [os.path.join(state_dir, f"slot-{i}.lock") for i in range(self.cap)]
+        self._line = deque()  # gevent Events of this process's waiters, oldest first
+        self._freed = Event()
+        self._waiting_fd = None
+        self._waiting_pid = None
+
+    # -- taking and releasing
+
+    def take(self, timeout, peak_key=None):
+        """Wait up to `timeout` seconds for a slot; return a Grant (threads for bb).
+
+        peak_key: the circuit's key for peak_bytes()/record_peak() (None: unknown peak).
+        Raises SlotTimeout when none frees up in time, OSError when the state dir fails.
+        """
+        deadline = time.monotonic() + timeout
+        turn = Event()
+        self._line.append(turn)
+        self._publish_waiting()
+        if self._line[0] is turn:
+            turn.set()
+        try:
+            if not turn.wait(timeout):
+                raise SlotTimeout(f"no proof slot free within {timeout:g} s")
+            while True:
+                grant = self._try_start(peak_key)
+                if grant:
+                    return grant
+                if time.monotonic() >= deadline:
+                    raise SlotTimeout(f"no proof slot free within {timeout:g} s")
+                self._freed.clear()
+                self._freed.wait(min(self.poll, max(0.0, deadline - time.monotonic())))
+        finally:  # leave the line (served, timed out or killed); the next in line goes on
+            was_head = self._line[0] is turn
+            self._line.remove(turn)
+            self._publish_waiting()
+            if was_head and self._line:
+                self._line[0].set()
+
+    def release(self, grant):
+        """End the proof that take() started (closing the descriptor drops the flock)."""
+        os.close(grant.fd)
+        self._freed.set()
+
+    # -- peaks per circuit
+
+    def peak_bytes(self, key):
+        """The largest peak RSS (bytes) recorded for circuit `key`, 0 when none."""
+        if key is None:
+            return 0
+        try:
+            with open(os.path.join(self.state_dir, f"peak-{key}")) as f:
+                return int(f.read().strip() or 0)
+        except (OSError, ValueError):
+            return 0
+
+    def record_peak(self, key, nbytes):
+        """Remember that a bb run for circuit `key` peaked at `nbytes` (kept if above the record)."""
+        if key is None or nbytes <= self.peak_bytes(key):
+            return
+        self._makedirs()
+        with self._state_lock():
+            if nbytes > self.peak_bytes(key):
+                path = os.path.join(self.state_dir, f"peak-{key}")
+                with open(f"{path}.{os.getpid()}", "w") as f:
+                    f.write(f"{nbytes}\n")
+                os.replace(f"{path}.{os.getpid()}", path)
+
+    # -- what runs and waits now, across processes
+
+    def snapshot(self):
+        """(running, waiting): a list of Running and the count of waiting requests, every process."""
+        self._makedirs()
+        with self._state_lock():
+            running, free = self._scan()
+            for fd in free:
+                os.close(fd)
+            return running, self._waiting()
+
+    def _try_start(self, peak_key):
+        self._makedirs()
+        with self._state_lock():
+            running, free = self._scan()
+            try:
+                peak = self.peak_bytes(peak_key)
+                threads = plan(self.cores, self.cap, self.budget_bytes, running, self._waiting(), peak) if free else 0
+                if not threads:
+                    return None
+                fd = free.pop(0)
+                os.ftruncate(fd, 0)
+                os.pwrite(fd, f"{threads} {peak}\n".encode(), 0)
+                return Grant(fd, threads)
+            finally:
+                for other in free:
+                    os.close(other)
+
+    def _scan(self):
+        """Running proofs, and descriptors of free slots with their flock taken (caller closes)."""
+        running, free = [], []
+        for path in self.paths:
+            fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                try:
+                    threads, peak = (int(x) for x in os.pread(fd, 64, 0).split())
+                except ValueError:  # a holder from before this scheduler: counts as all cores
+                    threads, peak = self.cores, 0
+                running.append(Running(threads, peak))
+                os.close(fd)
+                continue
+            free.append(fd)
+        return running, free
+
+    def _waiting(self):
+        """Requests waiting in every process (int); removes the files of dead processes."""
+        total = 0
+        for name in os.listdir(self.state_dir):
+            if not name.startswith("waiting-"):
+                continue
+            path = os.path.join(self.state_dir, name)
+            if name == f"waiting-{os.getpid()}" and self._waiting_fd is not None:
+                total += len(self._line)
+                continue
+            try:
+                fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+            except FileNotFoundError:
+                continue
+            try:
+                try:
+                    fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
+                except BlockingIOError:  # its process is alive
+                    try:
+                        total += int(os.pread(fd, 32, 0).split()[0])
+                    except (ValueError, IndexError):
+                        pass
+                    continue
+                os.unlink(path)  # nobody holds it: its process is gone
+            finally:
+                os.close(fd)
+        return total
+
+    def _publish_waiting(self):
+        """Write this process's count of waiting requests to its waiting-<pid> file."""
+        try:
+            if self._waiting_pid != os.getpid():  # first use, or a forked child
+                self._makedirs()
+                fd = os.open(os.path.join(self.state_dir, f"waiting-{os.getpid()}"),
+                             os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+                fcntl.flock(fd, fcntl.LOCK_EX)  # held for the life of the process
+                self._waiting_fd, self._waiting_pid = fd, os.getpid()
+            os.pwrite(self._waiting_fd, f"{len(self._line):10d}\n".encode(), 0)
+        except OSError:
+            pass  # other processes then see this one's waiters as none: a fairness loss only
+
+    def _makedirs(self):
+        os.makedirs(self.state_dir, mode=0o700, exist_ok=True)
+
+    def _state_lock(self):
+        return _FileLock(os.path.join(self.state_dir, "state.lock"))
+
+
+class _FileLock:
+    """An exclusive flock on `path`, polled so a gevent worker is never blocked."""
+
+    def __init__(self, path):
+        self.path = path
+        self.fd = None
+
+    def __enter__(self):
+        self.fd = os.open(self.path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+        while True:
+            try:
+                fcntl.flock(self.fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                return self
+            except OSError as exc:
+                if exc.errno not in (errno.EAGAIN, errno.EACCES):
+                    os.close(self.fd)
+                    raise
+            gevent.sleep(0.001)
+
+    def __exit__(self, *exc):
+        os.close(self.fd)
