@@ -29,6 +29,7 @@ import fcntl
 import os
 import time
 from collections import deque, namedtuple
+from contextlib import contextmanager
 
 import gevent
 from gevent.event import Event
@@ -168,6 +169,15 @@ class Scheduler:
         """End the proof that take() started (closing the descriptor drops the flock)."""
         os.close(grant.fd)
         self._freed.set()
+
+    @contextmanager
+    def acquire(self, timeout, peak_key=None):
+        """Hold a grant for the `with` body (yields the Grant); raises SlotTimeout as take() does."""
+        grant = self.take(timeout, peak_key)
+        try:
+            yield grant
+        finally:
+            self.release(grant)
 
     # -- peaks per circuit
 
