@@ -4,22 +4,19 @@ VerifyLimit bounds verifications, which never take a proof slot.
 ProofQueue is what app.App holds: admit() counts a proof request as uploading
 while its body arrives (503 when MAX_UPLOADING_REQUESTS are), then as queued until
 it gets a slot (503 when MAX_QUEUED_REQUESTS are): slow uploads never take the
-places complete requests wait in. slot() waits for one of the ProofSlots shared
-by every worker process (503 after QUEUE_TIMEOUT_SECONDS). ProofSlots are lock
-files, so a killed worker leaks none.
+places complete requests wait in. slot() waits for the scheduler.Scheduler shared
+by every worker process to start it, with a thread count for bb (503 after
+QUEUE_TIMEOUT_SECONDS). Its slots are lock files, so a killed worker leaks none.
 """
-import os
 import logging
 import time
-from collections import deque
 from contextlib import contextmanager
 
-from gevent.event import Event
 from gevent.lock import BoundedSemaphore
 
 import observability
-import ownership
 from httperrors import ServiceUnavailable
+from scheduler import Scheduler, SlotTimeout, reaped_peak_bytes  # noqa: F401 (re-exported)
 
 log = logging.getLogger("bb_worker")
 
@@ -61,7 +58,7 @@ class Ticket:
 class ProofQueue:
     """Admission for this process's proof requests.
 
-    slots: the ProofSlots shared by every worker process. timeout: seconds a request
+    slots: the scheduler.Scheduler shared by every worker process. timeout: seconds a request
     may wait for a slot. max_queued: complete proof requests this process holds
     waiting for a slot; max_uploading: proof requests whose body is still arriving.
     Past either, a new request gets 503 at once, before its body is read.
@@ -98,33 +95,40 @@ class ProofQueue:
             ticket.leave()
 
     @contextmanager
-    def slot(self, ticket=None):
-        """Hold a proof slot for the `with` body; yields its locks' descriptors (a tuple, for bb to inherit).
+    def slot(self, ticket=None, circuit=None):
+        """Hold a proof slot for the `with` body, which runs one bb; yields a scheduler.Grant
+        (bb's thread count, and the slot's lock descriptors for bb to inherit).
 
-        With a `ticket` (a proof request) the wait is measured (queued gauge, queue
-        seconds) and the ticket leaves the queue once the slot is held. Raises Busy
-        after `timeout` seconds, ServiceUnavailable if the slot files cannot be made.
+        circuit: a key for the circuit bb runs (its sha256), whose peak RSS the scheduler
+        learns from this run (None: unknown, runs alone). With a `ticket` (a proof request)
+        the wait is measured (queued gauge, queue seconds) and the ticket leaves the queue
+        once the slot is held. Raises Busy after `timeout` seconds, ServiceUnavailable if
+        the slot files cannot be made.
         """
         waited = time.monotonic()
         try:
             if ticket is None:
-                token = self.slots.take(self.timeout)
+                token = self.slots.take(self.timeout, circuit)
             else:
                 with observability.QUEUED.track_inprogress():
-                    token = self.slots.take(self.timeout)
+                    token = self.slots.take(self.timeout, circuit)
         except SlotTimeout:
             raise Busy(f"all proof slots busy for {self.timeout:g} s; retry later",
                        retry_after=self.timeout) from None
         except OSError as exc:
-            log.error("cannot take a proof slot in %s: %s", self.slots.lock_dir, exc)
+            log.error("cannot take a proof slot in %s: %s", self.slots.state_dir, exc)
             raise ServiceUnavailable(f"cannot take a proof slot: {exc.strerror}") from None
         try:
             if ticket is not None:
                 ticket.leave()
                 observability.QUEUE_SECONDS.observe(time.monotonic() - waited)
-            yield token.fds
+            yield token
         finally:
             self.slots.release(token)
+            try:
+                self.slots.record_peak(circuit, reaped_peak_bytes())
+            except OSError as exc:
+                log.warning("cannot record bb's peak memory in %s: %s", self.slots.state_dir, exc)
 
 
 class VerifyLimit:
@@ -148,76 +152,3 @@ class VerifyLimit:
             yield
         finally:
             self._running.release()
-
-
-class SlotTimeout(Exception):
-    """No proof slot became free in time."""
-
-
-class ProofSlots:
-    """At most `count` proofs at once across every process sharing `lock_dir`.
-
-    Each slot is a lock file held with flock(); the kernel releases it when its
-    holder exits, so a killed worker cannot leak a slot, and bb inherits it, so a
-    slot stays taken while its bb lives. The directory and files must be ours
-    (ownership.private_dir, ownership.lock_path: no symlinks, no other owner), and a
-    lock counts only while its path still names the locked file, and each slot also
-    holds a name no file operation frees (ownership.lock_slot): removing the
-    directory while a proof runs cannot free that slot for a second bb. Within a process waiters
-    line up first come, first served (only the oldest waiter polls the lock files,
-    every `poll` seconds), so a newcomer cannot overtake a request that has waited
-    longer; across worker processes the heads of the lines compete.
-    """
-
-    def __init__(self, lock_dir, count, poll=0.02):
-        self.lock_dir = lock_dir  # created on first use
-        self._line = deque()  # gevent Events of this process's waiters, oldest first
-        self._freed = Event()  # set by release(): the head of the line looks again at once
-        self.paths = [os.path.join(lock_dir, f"slot-{i}.lock") for i in range(count)]
-        self.poll = poll
-
-    def take(self, timeout):
-        """Wait up to `timeout` seconds for a free slot; return its token for release().
-
-        Raises SlotTimeout when none frees up in time.
-        """
-        deadline = time.monotonic() + timeout
-        turn = Event()
-        self._line.append(turn)
-        if self._line[0] is turn:
-            turn.set()
-        try:
-            if not turn.wait(timeout):
-                raise SlotTimeout(f"no proof slot free within {timeout:g} s")
-            return self._take(deadline, timeout)
-        finally:  # leave the line (served, timed out or killed); the next in line goes on
-            was_head = self._line[0] is turn
-            self._line.remove(turn)
-            if was_head and self._line:
-                self._line[0].set()
-
-    def _take(self, deadline, timeout):
-        while True:
-            ownership.private_dir(self.lock_dir)
-            for path in self.paths:
-                held = ownership.lock_slot(path)
-                if held is not None:
-                    return held
-            if time.monotonic() >= deadline:
-                raise SlotTimeout(f"no proof slot free within {timeout:g} s")
-            self._freed.clear()
-            self._freed.wait(self.poll)  # a slot freed in this process wakes it; others are polled
-
-    def release(self, token):
-        """Free the slot that take() returned (an ownership.HeldSlot)."""
-        token.close()
-        self._freed.set()
-
-    @contextmanager
-    def acquire(self, timeout):
-        """Hold a slot for the `with` body; raises SlotTimeout after `timeout` seconds."""
-        token = self.take(timeout)
-        try:
-            yield
-        finally:
-            self.release(token)

@@ -46,7 +46,7 @@ import observability
 import ownership
 import settings
 import witness
-from admission import Busy, ProofQueue, ProofSlots, VerifyLimit
+from admission import Busy, ProofQueue, Scheduler, VerifyLimit
 from auth import TokenAuth
 from cors import CorsPolicy
 from health import Health
@@ -548,8 +548,8 @@ class App:
                 return
             for name, circuit in missing:
                 try:
-                    with self.queue.slot():
-                        circuit.ensure_vk()
+                    with self.queue.slot() as grant:
+                        circuit.ensure_vk(grant.threads)
                     log.info("circuit %s: VK ready (bb %s)", name, circuit.version())
                 except (bbrunner.ProverError, ServiceUnavailable) as exc:
                     log.error("circuit %s: the verification key could not be computed: %s", name,
@@ -594,8 +594,8 @@ class App:
         circuit = self.circuits[name]
         try:
             if not circuit.vk_cached():  # computing it runs bb: take a proof slot like a proof
-                with self.queue.slot():
-                    circuit.ensure_vk()
+                with self.queue.slot() as grant:  # no circuit: write_vk's peak is not a proof's
+                    circuit.ensure_vk(grant.threads)
             vk, vk_hash = circuit.vk_bytes()
             version = circuit.version()
         except bbrunner.ProverError as exc:
@@ -633,8 +633,8 @@ class App:
                     ticket.uploaded()
                     watcher = connection.watch_hangup(environ.get("gunicorn.socket"), environ.get("SERVER_PROTOCOL"),
                                                       hangup(gevent.getcurrent()))
-                    with self.queue.slot(ticket) as slot:
-                        result = self.run_bb(environ, request_id, name, witness, outdir, slot)
+                    with self.queue.slot(ticket, self.circuits[name].key()) as grant:
+                        result = self.run_bb(environ, request_id, name, witness, outdir, grant)
                 finally:
                     remove(witness, outdir)  # first: a ClientGone may still land below
                     if watcher is not None:
@@ -689,8 +689,8 @@ class App:
         try:
             with self.verify_limit.slot():
                 if not circuit.vk_cached():  # only after the cache was cleaned: computed at start
-                    with self.queue.slot():
-                        circuit.ensure_vk()
+                    with self.queue.slot() as grant:
+                        circuit.ensure_vk(grant.threads)
                 try:
                     ownership.private_dir(self.work_dir)
                     os.mkdir(workdir, 0o700)
@@ -747,15 +747,17 @@ class App:
             environ["bb_worker.bytes_in"] = sink.received
             observability.RECEIVED.inc(sink.received)
 
-    def run_bb(self, environ, request_id, name, witness, outdir, slot=None):
+    def run_bb(self, environ, request_id, name, witness, outdir, grant=None):
         """Prove `witness` with circuit `name`; map failures, count them, feed the breaker.
 
-        The caller holds a proof slot; `slot` (its locks' descriptors) is passed on to bb.
+        The caller holds a proof slot; `grant` (a scheduler.Grant) gives bb its thread
+        count and the slot's lock descriptors, which bb inherits.
         """
         started = time.monotonic()
         try:
             with observability.IN_FLIGHT.track_inprogress():
-                result = self.circuits[name].prove(witness, outdir, keep_fds=slot or ())
+                result = self.circuits[name].prove(witness, outdir, keep_fds=grant.fds if grant else (),
+                                                   threads=grant.threads if grant else None)
         except bbrunner.ProverError as exc:
             environ["bb_worker.bb_exit_code"] = exc.returncode
             error, outcome = prover_error(exc)
@@ -820,8 +822,10 @@ def create_app():
     bb = bbrunner.BB(**settings.BB_OPTIONS)
     circuits = {name: bbrunner.Circuit(bb, path, settings.VK_CACHE_DIR, verify=settings.VERIFY_PROOFS)
                 for name, path in settings.CIRCUITS.items()}
-    queue = ProofQueue(ProofSlots(settings.SLOTS_DIR, settings.MAX_CONCURRENT_PROOFS),
-                       settings.QUEUE_TIMEOUT_SECONDS, settings.MAX_QUEUED_REQUESTS, settings.MAX_UPLOADING_REQUESTS)
+    slots = Scheduler(settings.SLOTS_DIR, settings.PROOF_CORES, settings.MAX_CONCURRENT_PROOFS,
+                      settings.PROOF_MEMORY_BUDGET_BYTES)
+    queue = ProofQueue(slots, settings.QUEUE_TIMEOUT_SECONDS, settings.MAX_QUEUED_REQUESTS,
+                       settings.MAX_UPLOADING_REQUESTS)
     limits = Limits(settings.MAX_BODY_BYTES, settings.MAX_WITNESS_BYTES, settings.UPLOAD_TIMEOUT_SECONDS,
                     settings.VERIFY_TIMEOUT_SECONDS,
                     settings.UPLOAD_DEADLINE_SECONDS)

@@ -133,14 +133,16 @@ element of bb's `public_inputs` file, in circuit order.
 
 # ---------------------------------------------------------------- processes
 
-def run(argv, timeout, scratch=None, keep_fds=(), memory_limit_mb=None):
+def run(argv, timeout, scratch=None, keep_fds=(), memory_limit_mb=None, threads=None):
     """Run `argv` (a list of str, never through a shell); return (returncode, stdout, stderr).
 
     The child gets no stdin, its own session/process group, child_setup(), and
     unlinked temp files in `scratch` (a directory; default: tempfile's) as stdout
     and stderr, returned as bytes (at most the first and last OUTPUT_KEEP_BYTES of
     each). keep_fds: descriptors the child inherits (the proof slot's lock, so the
-    slot stays taken while bb lives). memory_limit_mb: see child_setup(). When it exits, and on timeout (seconds) or any
+    slot stays taken while bb lives). memory_limit_mb: see child_setup(). threads (int) sets
+    `HARDWARE_CONCURRENCY`, the thread count bb 5 reads at start (None: bb's default, every
+    core). When it exits, and on timeout (seconds) or any
     exception (a gevent Timeout or kill included), the whole group gets SIGKILL, so
     no descendant outlives the run. Raises ProverUnavailable if the program cannot
     start or the temp files cannot be made, ProverTimeout on expiry.
@@ -155,7 +157,8 @@ def run(argv, timeout, scratch=None, keep_fds=(), memory_limit_mb=None):
         try:
             proc = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=out, stderr=err,
                                     start_new_session=True, close_fds=True, pass_fds=tuple(keep_fds),
-                                    preexec_fn=lambda: child_setup(parent, memory_limit_mb))
+                                    preexec_fn=lambda: child_setup(parent, memory_limit_mb),
+                                    env=child_env(threads))
         except (OSError, subprocess.SubprocessError) as exc:
             raise ProverUnavailable(f"cannot run {os.path.basename(argv[0])}: "
                                     f"{getattr(exc, 'strerror', None) or exc}") from None
@@ -199,6 +202,13 @@ def child_setup(parent_pid, memory_limit_mb=None):
     if memory_limit_mb:
         limit = memory_limit_mb * 1024 * 1024
         resource.setrlimit(resource.RLIMIT_DATA, (limit, limit))
+
+
+def child_env(threads=None):
+    """bb's environment (dict, or None to inherit ours): ours, with HARDWARE_CONCURRENCY = `threads`."""
+    if threads is None:
+        return None
+    return dict(os.environ, HARDWARE_CONCURRENCY=str(threads))
 
 
 def kill_group(proc):
@@ -432,14 +442,14 @@ class BB:
             argv += ["-c", self.crs_dir]
         return argv
 
-    def run(self, command, *args, timeout=None, scratch=None, keep_fds=()):
+    def run(self, command, *args, timeout=None, scratch=None, keep_fds=(), threads=None):
         """Run `bb command *args` (see argv()) within `timeout` seconds (default: this BB's), under
-        this BB's memory limit; return (returncode, stdout, stderr). scratch, keep_fds: as for run().
+        this BB's memory limit; return (returncode, stdout, stderr). scratch, keep_fds, threads: as for run().
 
         Raises ProverOutOfMemory when an allocation failed, and what run() raises.
         """
         code, out, err = run(self.argv(command, *args), timeout or self.timeout, scratch, keep_fds,
-                             self.memory_limit_mb)
+                             self.memory_limit_mb, threads)
         if code != 0 and any(marker in err for marker in OUT_OF_MEMORY_MARKERS):
             raise ProverOutOfMemory(code, self.memory_limit_mb)
         return code, out, err
@@ -492,7 +502,7 @@ class Circuit:
             [self.sha256, self.bb.version(), self.bb.verifier_target or "default"]).encode()).hexdigest()
         return os.path.join(self.vk_cache_dir, key[:32])
 
-    def ensure_vk(self):
+    def ensure_vk(self, threads=None):
         """Return the path of the circuit's VK, computing it with `bb write_vk` if not cached.
 
         Single-flight: greenlets of one process share one run, processes serialise
@@ -514,7 +524,7 @@ class Circuit:
             try:
                 _flock(lock, time.monotonic() + self.bb.timeout)
                 if not self._vk_complete(target):
-                    self._write_vk(target)
+                    self._write_vk(target, threads)
             except ProverError as exc:
                 self.vk_error = f"the verification key could not be computed: {exc}"
                 raise
@@ -522,6 +532,15 @@ class Circuit:
                 os.close(lock)
         self.vk_error = None
         return vk
+
+    def key(self):
+        """A name (str) for this circuit with this bb version and target: its VK directory's.
+
+        Falls back to the circuit's hash when bb cannot tell its version (proving then fails anyway)."""
+        try:
+            return os.path.basename(self.vk_dir())
+        except ProverError:
+            return self.sha256[:32]
 
     def vk_cached(self):
         """True when the VK is on disk already (ensure_vk would not run bb)."""
@@ -549,7 +568,7 @@ class Circuit:
             self._vk_cache = (vk, data, digest)
         return self._vk_cache[1], self._vk_cache[2]
 
-    def _write_vk(self, target):
+    def _write_vk(self, target, threads=None):
         """Run `bb write_vk` into a temp dir and move it to `target` (caller holds the lock)."""
         tmp = None
         try:
@@ -559,7 +578,7 @@ class Circuit:
             with open(program, "wb") as f:
                 f.write(self.program)
             os.chmod(program, 0o644)
-            code, _, err = self.bb.run("write_vk", "-b", program, "-o", tmp, scratch=tmp)
+            code, _, err = self.bb.run("write_vk", "-b", program, "-o", tmp, scratch=tmp, threads=threads)
             if code != 0:
                 target_flag = f" -t {self.verifier_target}" if self.verifier_target else ""
                 raise bb_error(code, err, (tmp, self.path), witness=False,
@@ -636,12 +655,13 @@ class Circuit:
 
     # -- proving
 
-    def prove(self, witness_path, workdir, keep_fds=()):
+    def prove(self, witness_path, workdir, keep_fds=(), threads=None):
         """Prove one witness; return a Proof that `bb verify` accepted (when verify is on).
 
         witness_path: the gzipped witness (Noir 1.0.0-beta.26 witness stack).
         workdir: an empty directory bb may write into (the caller removes it).
-        keep_fds: descriptors bb inherits (the proof slot's lock).
+        keep_fds: descriptors bb inherits (the proof slot's lock). threads: bb's thread
+        count (HARDWARE_CONCURRENCY), None for bb's default (every core).
         Raises ProverFailed (the witness's fault: bb rejected it), ProverTimeout,
         ProverOutOfMemory, ServerFault (ours; CrsUnavailable and ResourceUnavailable among
         them, the latter also for a short proof on a full disk), ProofRejected (bb verify
@@ -649,10 +669,10 @@ class Circuit:
         Steps: the VK, `bb prove` on the private copy of the circuit, its exit status and
         stderr, its output files checked against the VK, `bb verify`.
         """
-        vk = self.ensure_vk()
+        vk = self.ensure_vk(threads)
         program = os.path.join(os.path.dirname(vk), CIRCUIT_FILE)
         code, _, err = self.bb.run("prove", "-b", program, "-w", witness_path, "-k", vk, "-o", workdir,
-                                   scratch=workdir, keep_fds=keep_fds)
+                                   scratch=workdir, keep_fds=keep_fds, threads=threads)
         if code != 0 or bbformat.UNSATISFIED in err:
             raise bb_error(code, err, (workdir, witness_path, program, vk, self.bb.crs_dir or ""))
         try:

@@ -18,15 +18,17 @@ that finds nobody waiting all the cores, and splits the cores when requests queu
   computation), its proofs run only when nothing else does.
 
 The decision is `plan()`, a pure function. `Scheduler` applies it across every process
-sharing one directory: each running proof holds `slot-<i>.lock` with flock() and writes
+sharing one directory: each running proof holds `slot-<i>.lock` (ownership.lock_slot: an flock and
+an abstract socket, both inherited by bb) and writes
 its threads and peak bytes there; each process keeps its count of waiting requests in
-`waiting-<pid>`, flocked for the life of the process; peaks per circuit live in
+`waiting-<pid>-<id>`, flocked for the life of the process; peaks per circuit live in
 `peak-<key>`; `state.lock` serialises decisions. The kernel drops a dead process's
 locks, so a killed worker leaks neither a slot nor a waiter.
 """
 import errno
 import fcntl
 import os
+import resource
 import time
 from collections import deque, namedtuple
 from contextlib import contextmanager
@@ -34,11 +36,18 @@ from contextlib import contextmanager
 import gevent
 from gevent.event import Event
 
+import ownership
+
 Running = namedtuple("Running", "threads peak_bytes")
 Running.__doc__ = """One running bb: its thread count and its circuit's peak RSS in bytes (0 = unknown)."""
 
-Grant = namedtuple("Grant", "fd threads")
-Grant.__doc__ = """A started proof: `fd` holds the slot's flock (release() closes it); `threads` for bb."""
+class Grant(namedtuple("Grant", "slot threads")):
+    """A started proof: `slot` an ownership.HeldSlot (release() closes it); `threads` for bb."""
+
+    @property
+    def fds(self):
+        """The slot's lock descriptors (tuple): bb inherits them, so the slot stays taken while it lives."""
+        return self.slot.fds
 
 
 class SlotTimeout(Exception):
@@ -68,45 +77,9 @@ def plan(cores, cap, budget_bytes, running, waiting, peak_bytes):
     return max(1, free // min(waiting, room))
 
 
-# ---------------------------------------------------------------- machine limits
-
-def available_cores():
-    """CPUs this process may use (int): its affinity, capped by a cgroup CPU quota if any."""
-    cores = len(os.sched_getaffinity(0))
-    for path, parse in (("/sys/fs/cgroup/cpu.max", lambda t: t.split()),
-                        ("/sys/fs/cgroup/cpu/cpu.cfs_quota_us", None)):
-        try:
-            with open(path) as f:
-                text = f.read()
-            if parse:
-                quota, period = parse(text)
-            else:
-                quota = text.strip()
-                with open("/sys/fs/cgroup/cpu/cpu.cfs_period_us") as f:
-                    period = f.read().strip()
-            if quota not in ("max", "-1"):
-                cores = min(cores, max(1, -(-int(quota) // int(period))))
-            break
-        except (OSError, ValueError):
-            continue
-    return cores
-
-
-def available_memory():
-    """Bytes (int) this process's cgroup may use, else the machine's MemTotal."""
-    for path in ("/sys/fs/cgroup/memory.max", "/sys/fs/cgroup/memory/memory.limit_in_bytes"):
-        try:
-            with open(path) as f:
-                text = f.read().strip()
-            if text != "max" and int(text) < 1 << 60:
-                return int(text)
-        except (OSError, ValueError):
-            continue
-    with open("/proc/meminfo") as f:
-        for line in f:
-            if line.startswith("MemTotal:"):
-                return int(line.split()[1]) * 1024
-    raise OSError("no MemTotal in /proc/meminfo")
+def reaped_peak_bytes():
+    """Peak RSS (bytes) of the largest child this process has reaped so far (getrusage)."""
+    return resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss * 1024
 
 
 # ---------------------------------------------------------------- shared state
@@ -166,8 +139,8 @@ class Scheduler:
                 self._line[0].set()
 
     def release(self, grant):
-        """End the proof that take() started (closing the descriptor drops the flock)."""
-        os.close(grant.fd)
+        """End the proof that take() started (closing the slot's descriptors frees it)."""
+        grant.slot.close()
         self._freed.set()
 
     @contextmanager
@@ -210,8 +183,8 @@ class Scheduler:
         self._makedirs()
         with self._state_lock():
             running, free = self._scan()
-            for fd in free:
-                os.close(fd)
+            for held in free:
+                held.close()
             return running, self._waiting()
 
     def _try_start(self, peak_key):
@@ -223,30 +196,35 @@ class Scheduler:
                 threads = plan(self.cores, self.cap, self.budget_bytes, running, self._waiting(), peak) if free else 0
                 if not threads:
                     return None
-                fd = free.pop(0)
-                os.ftruncate(fd, 0)
-                os.pwrite(fd, f"{threads} {peak}\n".encode(), 0)
-                return Grant(fd, threads)
+                held = free.pop(0)
+                os.ftruncate(held.fd, 0)
+                os.pwrite(held.fd, f"{threads} {peak}\n".encode(), 0)
+                return Grant(held, threads)
             finally:
                 for other in free:
-                    os.close(other)
+                    other.close()
 
     def _scan(self):
-        """Running proofs, and descriptors of free slots with their flock taken (caller closes)."""
+        """Running proofs, and the free slots, taken (ownership.HeldSlot; the caller closes them).
+
+        A slot is held with ownership.lock_slot (an flock and an abstract socket, both
+        inherited by bb); its file says the holder's threads and peak bytes.
+        """
         running, free = [], []
         for path in self.paths:
-            fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+            held = ownership.lock_slot(path)
+            if held is not None:
+                free.append(held)
+                continue
             try:
-                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-            except BlockingIOError:
+                fd = ownership.open_private(path)
                 try:
                     threads, peak = (int(x) for x in os.pread(fd, 64, 0).split())
-                except ValueError:  # a holder from before this scheduler: counts as all cores
-                    threads, peak = self.cores, 0
-                running.append(Running(threads, peak))
-                os.close(fd)
-                continue
-            free.append(fd)
+                finally:
+                    os.close(fd)
+            except (OSError, ValueError):  # not written yet, or a holder from before this scheduler
+                threads, peak = self.cores, 0
+            running.append(Running(threads, peak))
         return running, free
 
     def _waiting(self):
@@ -256,7 +234,7 @@ class Scheduler:
             if not name.startswith("waiting-"):
                 continue
             path = os.path.join(self.state_dir, name)
-            if name == f"waiting-{os.getpid()}" and self._waiting_fd is not None:
+            if name == self._waiting_name():
                 total += len(self._line)
                 continue
             try:
@@ -278,20 +256,27 @@ class Scheduler:
         return total
 
     def _publish_waiting(self):
-        """Write this process's count of waiting requests to its waiting-<pid> file."""
+        """Write this process's count of waiting requests to its waiting-<pid>-<id> file."""
         try:
             if self._waiting_pid != os.getpid():  # first use, or a forked child
                 self._makedirs()
-                fd = os.open(os.path.join(self.state_dir, f"waiting-{os.getpid()}"),
+                fd = os.open(os.path.join(self.state_dir, self._waiting_name()),
                              os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
-                fcntl.flock(fd, fcntl.LOCK_EX)  # held for the life of the process
+                try:
+                    fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)  # held for the life of the process
+                except OSError:
+                    os.close(fd)
+                    raise
                 self._waiting_fd, self._waiting_pid = fd, os.getpid()
             os.pwrite(self._waiting_fd, f"{len(self._line):10d}\n".encode(), 0)
         except OSError:
             pass  # other processes then see this one's waiters as none: a fairness loss only
 
+    def _waiting_name(self):
+        return f"waiting-{os.getpid()}-{id(self):x}"
+
     def _makedirs(self):
-        os.makedirs(self.state_dir, mode=0o700, exist_ok=True)
+        ownership.private_dir(self.state_dir)
 
     def _state_lock(self):
         return _FileLock(os.path.join(self.state_dir, "state.lock"))

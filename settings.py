@@ -210,6 +210,43 @@ def circuit_files(directory=CIRCUITS_DIR):
     return circuits
 
 
+def available_cores():
+    """CPUs this process may use (int): its affinity, capped by a cgroup (v2 or v1) CPU quota."""
+    cores = len(os.sched_getaffinity(0))
+    for quota_file, period_file in (("/sys/fs/cgroup/cpu.max", None),
+                                    ("/sys/fs/cgroup/cpu/cpu.cfs_quota_us", "/sys/fs/cgroup/cpu/cpu.cfs_period_us")):
+        try:
+            with open(quota_file) as f:
+                fields = f.read().split()
+            if period_file:
+                with open(period_file) as f:
+                    fields.append(f.read().strip())
+            quota, period = fields[0], fields[1]
+            if quota not in ("max", "-1"):
+                cores = min(cores, max(1, -(-int(quota) // int(period))))
+            break
+        except (OSError, ValueError, IndexError):
+            continue
+    return cores
+
+
+def available_memory():
+    """Bytes (int) this process's cgroup may use (v2 or v1), else the machine's MemTotal."""
+    for path in ("/sys/fs/cgroup/memory.max", "/sys/fs/cgroup/memory/memory.limit_in_bytes"):
+        try:
+            with open(path) as f:
+                text = f.read().strip()
+            if text != "max" and int(text) < 1 << 60:
+                return int(text)
+        except (OSError, ValueError):
+            continue
+    with open("/proc/meminfo") as f:
+        for line in f:
+            if line.startswith("MemTotal:"):
+                return int(line.split()[1]) * 1024
+    raise ConfigError("cannot read MemTotal from /proc/meminfo")
+
+
 # ---------------------------------------------------------------- responses and logs
 PROOF_RESPONSE_FORMAT = _choice("PROOF_RESPONSE_FORMAT", "json", ("json", "binary"))
 LOG_FORMAT = _choice("LOG_FORMAT", "text", ("text", "json"))
@@ -231,7 +268,14 @@ if SHM_DIR and not os.access(SHM_DIR, os.W_OK | os.X_OK):
 # ---------------------------------------------------------------- limits
 MAX_BODY_BYTES = _int("MAX_BODY_BYTES", 50 * MiB, 1)
 MAX_WITNESS_BYTES = _int("MAX_WITNESS_BYTES", 512 * MiB, 1)
-MAX_CONCURRENT_PROOFS = _int("MAX_CONCURRENT_PROOFS", 1, 1, 1024)
+# Proof scheduling (scheduler.py): a lone proof gets PROOF_CORES threads; queued ones split them,
+# up to MAX_CONCURRENT_PROOFS at once (1: one proof at a time with every core) and as many as
+# fit in PROOF_MEMORY_BUDGET_BYTES by bb's measured peak RSS.
+# HARDWARE_CONCURRENCY (bb's own, which the Kubernetes manifest sets to the CPU limit) is the
+# default; bb itself gets the scheduler's count in its environment.
+PROOF_CORES = _int("PROOF_CORES", HARDWARE_CONCURRENCY or available_cores(), 1, 4096)
+MAX_CONCURRENT_PROOFS = _int("MAX_CONCURRENT_PROOFS", PROOF_CORES, 1, 1024)
+PROOF_MEMORY_BUDGET_BYTES = _int("PROOF_MEMORY_BUDGET_BYTES", available_memory() // 2, 1)
 # Per worker process: complete proof requests waiting for a slot; more get 503 at once. With
 # MAX_UPLOADING_REQUESTS it bounds the disk witnesses take: (both + proving) x MAX_BODY_BYTES.
 MAX_QUEUED_REQUESTS = _int("MAX_QUEUED_REQUESTS", 16, 1, 100000)

@@ -1,4 +1,4 @@
-"""admission.py: proof slots shared by processes (flock), first come first served within one."""
+"""admission.py's slots (scheduler.Scheduler): shared by processes (flock), first come first served within one."""
 import signal
 import subprocess
 import sys
@@ -15,7 +15,7 @@ import sys, time
 sys.path.insert(0, {root!r})
 import admission
 lock_dir, count, timeout, hold, log = sys.argv[1:]
-slots = admission.ProofSlots(lock_dir, int(count))
+slots = admission.Scheduler(lock_dir, int(count), int(count), 1 << 30)
 try:
     with slots.acquire(float(timeout)):
         start = time.time()
@@ -65,7 +65,7 @@ def test_one_slot_is_held_by_one_process_at_a_time(holder, tmp_path):
 def test_a_held_slot_times_out_other_processes_and_is_freed_by_sigkill(holder, tmp_path):
     first = holder(timeout=5, hold=300)
     assert first.stdout.readline() == "held\n"
-    slots = admission.ProofSlots(str(tmp_path / "slots"), 1)
+    slots = admission.Scheduler(str(tmp_path / "slots"), 1, 1, 1 << 30)
     with pytest.raises(admission.SlotTimeout):
         with slots.acquire(0.2):
             pass
@@ -80,7 +80,7 @@ def test_a_held_slot_times_out_other_processes_and_is_freed_by_sigkill(holder, t
 
 
 def test_acquire_times_out_after_the_timeout(tmp_path):
-    slots = admission.ProofSlots(str(tmp_path / "slots"), 1)
+    slots = admission.Scheduler(str(tmp_path / "slots"), 1, 1, 1 << 30)
     with slots.acquire(1):
         started = time.monotonic()
         with pytest.raises(admission.SlotTimeout, match="0.3 s"):
@@ -89,22 +89,24 @@ def test_acquire_times_out_after_the_timeout(tmp_path):
         assert 0.3 <= time.monotonic() - started < 1.5
 
 
-def test_count_slots_are_shared_and_released_on_error(tmp_path):
-    slots = admission.ProofSlots(str(tmp_path / "slots"), 2)
-    other = admission.ProofSlots(str(tmp_path / "slots"), 2)  # e.g. another worker process
-    with slots.acquire(1), other.acquire(1):
-        with pytest.raises(admission.SlotTimeout):
-            with slots.acquire(0.1):
+def test_slots_are_shared_by_processes_and_released_on_error(tmp_path):
+    slots = admission.Scheduler(str(tmp_path / "slots"), 2, 2, 1 << 30)
+    other = admission.Scheduler(str(tmp_path / "slots"), 2, 2, 1 << 30)  # e.g. another worker process
+    slots.record_peak("c", 1 << 20)
+    with slots.acquire(1, "c") as first:
+        assert first.threads == 2  # alone: every core
+        with pytest.raises(admission.SlotTimeout):  # no core left for another process
+            with other.acquire(0.1, "c"):
                 pass
     with pytest.raises(ZeroDivisionError):
-        with slots.acquire(1), other.acquire(1):
+        with slots.acquire(1, "c"):
             1 / 0
-    with slots.acquire(0), other.acquire(0):
-        pass
+    with other.acquire(0, "c") as again:
+        assert again.threads == 2
 
 
 def test_a_waiting_greenlet_gets_the_slot_when_it_is_released(tmp_path):
-    slots = admission.ProofSlots(str(tmp_path / "slots"), 1)
+    slots = admission.Scheduler(str(tmp_path / "slots"), 1, 1, 1 << 30)
     order = []
 
     def job(name, hold):
@@ -121,7 +123,7 @@ def test_a_waiting_greenlet_gets_the_slot_when_it_is_released(tmp_path):
 
 
 def test_slot_waiters_in_one_process_are_served_first_come_first_served(tmp_path):
-    slots = admission.ProofSlots(str(tmp_path / "slots"), 1, poll=0.01)
+    slots = admission.Scheduler(str(tmp_path / "slots"), 1, 1, 1 << 30, poll=0.01)
     order = []
 
     def client(name, hold):

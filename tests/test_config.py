@@ -46,6 +46,7 @@ def bad_file(tmp_path):
     ("PROVE_TIMEOUT_SECONDS", "-1"), ("PROVE_TIMEOUT_SECONDS", "0"), ("PROVE_TIMEOUT_SECONDS", "nan"),
     ("PROVE_TIMEOUT_SECONDS", "ninety"),
     ("MAX_CONCURRENT_PROOFS", "0"), ("MAX_CONCURRENT_PROOFS", "2.5"),
+    ("PROOF_CORES", "0"), ("HARDWARE_CONCURRENCY", "many"), ("PROOF_MEMORY_BUDGET_BYTES", "1GiB"),
     ("CIRCUIT_PATH", "/nonexistent"), ("CIRCUIT_PATH", "{bad_file}"),
     ("VERIFIER_TARGET", "bogus"),
     ("WEB_CONCURRENCY", "0"), ("MAX_BODY_BYTES", "0"), ("MAX_WITNESS_BYTES", "-5"),

@@ -224,7 +224,7 @@ def _ts_const(name):
 
 
 def test_worker_timeouts_match_the_rust_setup_and_cover_the_container(tmp_path):
-    defaults = settings_for({}, tmp_path)
+    defaults = settings_for({"PROOF_CORES": "2"}, tmp_path)  # standard-3: 2 vCPU
     assert _ts_const("PROVE_TIMEOUT_SECONDS") == defaults["PROVE_TIMEOUT_SECONDS"] == 90
     assert _ts_const("QUEUE_TIMEOUT_SECONDS") == defaults["QUEUE_TIMEOUT_SECONDS"]
     assert _ts_const("MAX_CONCURRENT_PROOFS") == defaults["MAX_CONCURRENT_PROOFS"]

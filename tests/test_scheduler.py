@@ -1,4 +1,5 @@
 """The proof scheduler: threads per bb (plan) and the state it shares across processes (Scheduler)."""
+import base64
 import os
 import random
 import signal
@@ -9,11 +10,11 @@ import time
 import gevent
 import pytest
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-sys.path.insert(0, ROOT)
-
-import scheduler  # noqa: E402
-from scheduler import Running, Scheduler, SlotTimeout, plan  # noqa: E402
+import settings
+import support
+from conftest import fixture_bytes
+from scheduler import Running, Scheduler, SlotTimeout, plan
+from support import ROOT, request, request_json
 
 MiB = 1 << 20
 
@@ -204,6 +205,105 @@ def test_a_killed_process_frees_its_slot_and_its_waiters(tmp_path):
 
 # ---------------------------------------------------------------- machine limits
 
+def test_cores_default_to_hardware_concurrency_and_the_cap_to_the_cores(tmp_path):
+    script = "import settings; print(settings.PROOF_CORES, settings.MAX_CONCURRENT_PROOFS)"
+    env = {k: v for k, v in os.environ.items() if k not in ("PROOF_CORES", "MAX_CONCURRENT_PROOFS")}
+    for extra, expected in (({"HARDWARE_CONCURRENCY": "6"}, "6 6"), ({"PROOF_CORES": "3"}, "3 3"),
+                            ({"PROOF_CORES": "3", "MAX_CONCURRENT_PROOFS": "1"}, "3 1")):
+        out = subprocess.run([sys.executable, "-c", script], cwd=ROOT, env=dict(env, TMPDIR=str(tmp_path), **extra),
+                             capture_output=True, text=True, timeout=60)
+        assert out.stdout.split() == expected.split(), out.stderr
+
+
 def test_available_cores_and_memory_are_plausible():
-    assert 1 <= scheduler.available_cores() <= os.cpu_count()
-    assert 64 * MiB < scheduler.available_memory() < 1 << 50
+    assert 1 <= settings.available_cores() <= os.cpu_count()
+    assert 64 * MiB < settings.available_memory() < 1 << 50
+
+
+# ---------------------------------------------------------------- live: bb's HARDWARE_CONCURRENCY
+
+def send_concurrently(port, body, count):
+    """`count` proof requests at once (threads); returns their statuses."""
+    import threading
+    statuses = []
+
+    def one():
+        statuses.append(request(port, "POST", "/api/prove", body)[0])
+
+    threads = [threading.Thread(target=one) for _ in range(count)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(120)
+    return statuses
+
+
+def test_live_a_lone_proof_gets_every_core_and_queued_ones_split_them(start_server, fake_bb, tmp_path):
+    log = tmp_path / "threads.log"
+    srv = start_server(BB_BINARY=fake_bb, FAKE_BB_DELAY=1.0, FAKE_BB_THREADS_LOG=log, PROOF_CORES=4)
+    witness = fixture_bytes("valid_1.gz")
+    assert request(srv.port, "POST", "/api/prove", witness)[0] == 200  # alone; its peak RSS is learnt
+    assert spans(log)[-1][2] == 4
+    # one alone again (every core), four more arrive while it runs: they wait, then start together
+    import threading
+    first = threading.Thread(target=lambda: request(srv.port, "POST", "/api/prove", witness))
+    first.start()
+    deadline = time.monotonic() + 20
+    while not support.bb_processes(fake_bb, under=srv.proc.pid):
+        assert time.monotonic() < deadline
+        time.sleep(0.02)
+    assert send_concurrently(srv.port, witness, 4) == [200] * 4
+    first.join(60)
+    rows = spans(log)[1:]
+    assert sorted(r[2] for r in rows) == [1, 1, 1, 1, 4], rows
+    lone = [r for r in rows if r[2] == 4][0]
+    assert all(r[0] >= lone[1] for r in rows if r[2] == 1), "the queued ones waited for the lone proof"
+    assert max_overlap(rows) == 4 and max_overlap(rows, lambda r: r[2]) == 4
+
+
+def test_live_max_concurrent_proofs_1_pins_one_proof_at_a_time_with_every_core(start_server, fake_bb, tmp_path):
+    log = tmp_path / "threads.log"
+    srv = start_server(BB_BINARY=fake_bb, FAKE_BB_DELAY=0.3, FAKE_BB_THREADS_LOG=log, PROOF_CORES=4,
+                       MAX_CONCURRENT_PROOFS=1)
+    assert send_concurrently(srv.port, fixture_bytes("valid_1.gz"), 4) == [200] * 4
+    rows = spans(log)
+    assert [r[2] for r in rows] == [4] * 4 and max_overlap(rows) == 1
+
+
+def test_live_real_bb_reads_the_thread_count_the_scheduler_chose(start_server, bb, verify):
+    """Real bb: HARDWARE_CONCURRENCY in /proc/<pid>/environ of each running bb, summed over those alive."""
+    srv = start_server(PROOF_CORES=2)
+    witness = fixture_bytes("valid_1.gz")
+    seen = {}  # pid -> threads
+    peak_sum = [0]
+    stop = [False]
+
+    def sample():
+        while not stop[0]:
+            alive = {}
+            for pid in support.bb_processes(bb, under=srv.proc.pid):
+                try:
+                    with open(f"/proc/{pid}/environ", "rb") as f:
+                        env = dict(x.split(b"=", 1) for x in f.read().split(b"\0") if b"=" in x)
+                except OSError:
+                    continue
+                if b"HARDWARE_CONCURRENCY" in env:
+                    alive[pid] = int(env[b"HARDWARE_CONCURRENCY"])
+            seen.update(alive)
+            peak_sum[0] = max(peak_sum[0], sum(alive.values()))
+            time.sleep(0.005)
+
+    import threading
+    sampler = threading.Thread(target=sample)
+    sampler.start()
+    try:
+        status, _, body = request_json(srv.port, "POST", "/api/prove", witness)
+        assert status == 200 and verify(base64.b64decode(body["proof"]), body["publicInputs"])
+        assert set(seen.values()) == {2}, seen  # alone: both cores
+        seen.clear()
+        assert send_concurrently(srv.port, witness, 6) == [200] * 6
+    finally:
+        stop[0] = True
+        sampler.join(10)
+    assert 1 in seen.values(), f"queued proofs never split the cores: {seen}"
+    assert peak_sum[0] <= 2, "bb threads alive at once above PROOF_CORES"

@@ -50,10 +50,17 @@ class StubCircuit:
         self.available, self.version, self.detail = available, version, detail
         self.calls = []
 
+<<<<<<< HEAD
     def prove(self, witness_path, workdir, keep_fds=()):
+=======
+    def key(self):
+        return "stub"
+
+    def prove(self, witness_path, workdir, threads=None):
+>>>>>>> 48f03fb (Scheduler in the slot room: a lone proof gets PROOF_CORES threads, queued ones split them within MAX_CONCURRENT_PROOFS and PROOF_MEMORY_BUDGET_BYTES; bb gets HARDWARE_CONCURRENCY; live tests read it from bb's environment)
         with open(witness_path, "rb") as f:
             witness = f.read()
-        self.calls.append({"witness": witness, "workdir_entries": os.listdir(workdir)})
+        self.calls.append({"witness": witness, "workdir_entries": os.listdir(workdir), "threads": threads})
         if self.error is not None:
             raise self.error
         return bbrunner.Proof(b"\x00proof\xff", ["0x" + "00" * 31 + "07", "0x" + "ab" * 32])
@@ -72,9 +79,9 @@ class StubCircuit:
 
 
 class RaisingSlots:
-    """ProofSlots whose every way in (acquire(), take()) times out at once."""
+    """A Scheduler whose every way in (acquire(), take()) times out at once."""
 
-    def acquire(self, timeout):
+    def acquire(self, timeout, circuit=None):
         raise admission.SlotTimeout(f"no proof slot free within {timeout:g} s")
 
     take = acquire
@@ -112,7 +119,7 @@ def make_worker(app, prover, work_dir, slots=None, queue_timeout=0.2, response_f
     options = {"max_body_bytes": 1 * MiB, "max_witness_bytes": 4 * MiB, "upload_timeout": 5.0}
     options.update(limits)
     if slots is None:
-        slots = admission.ProofSlots(os.path.join(os.path.dirname(work_dir), "slots"), 1)
+        slots = admission.Scheduler(os.path.join(os.path.dirname(work_dir), "slots"), 1, 1, 1 << 30)
     queue = admission.ProofQueue(slots, queue_timeout)
     return app.App({"default": prover}, queue, str(work_dir), app.Limits(**options), response_format)
 
@@ -256,7 +263,7 @@ def test_prove_passes_the_exact_body_and_answers_the_proof(worker, prover, work_
     assert code == 200, body
     assert body == {"success": True, "proof": base64.b64encode(b"\x00proof\xff").decode(),
                     "publicInputs": ["0x" + "00" * 31 + "07", "0x" + "ab" * 32]}
-    assert prover.calls == [{"witness": witness, "workdir_entries": []}]
+    assert prover.calls == [{"witness": witness, "workdir_entries": [], "threads": 1}]  # the scheduler's
     assert os.listdir(work_dir) == []
 
 
@@ -294,7 +301,7 @@ def test_prover_errors_map_to_status_codes(app, work_dir, error, code, title, me
 
 
 def test_busy_slots_are_503_with_retry_after(app, prover, work_dir, tmp_path):
-    slots = admission.ProofSlots(str(tmp_path / "slots"), 1)
+    slots = admission.Scheduler(str(tmp_path / "slots"), 1, 1, 1 << 30)
     worker = make_worker(app, prover, work_dir, slots=slots, queue_timeout=0.3)
     with slots.acquire(1):
         started = time.monotonic()

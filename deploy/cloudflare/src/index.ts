@@ -20,7 +20,7 @@ import { forward } from "./forward";
 // Passed to the container as environment variables (see the README's settings).
 const PROVE_TIMEOUT_SECONDS = 90; // bb's deadline per proof
 const QUEUE_TIMEOUT_SECONDS = 30; // wait for a free proof slot
-const MAX_CONCURRENT_PROOFS = 1; // bb processes per container (bb uses every core)
+const MAX_CONCURRENT_PROOFS = 2; // bb at once per container: standard-3's 2 vCPU, split when requests queue
 
 // Requests spread over this many container instances (<= max_instances in wrangler.jsonc).
 const CONTAINER_INSTANCES = 5;
