@@ -146,8 +146,9 @@ class RSSSampler:
     A bb process is one whose argv[0] is `binary` (as bbrunner starts it) and
     that descends from `root_pid` (the server under test: this machine is
     shared, other people's bb runs are not ours). Runs in a daemon thread
-    between start() and stop(); keeps the peak total VmRSS (bytes) and the peak
-    number of our bb processes alive at once. Reading /proc costs ~1 ms per
+    between start() and stop(); keeps the peak total VmRSS (bytes), the peak
+    number of our bb processes alive at once, and `threads`: {HARDWARE_CONCURRENCY
+    in a bb's environment (str, "-" if unset): bb processes seen with it}. Reading /proc costs ~1 ms per
     scan, so a process already seen to be something else for 0.5 s is not
     re-read (a fork reads as its parent until it execs bb).
     """
@@ -160,6 +161,8 @@ class RSSSampler:
         self.peak_bytes = 0
         self.peak_count = 0
         self.samples = 0
+        self.threads = {}
+        self._seen = set()  # (pid, start time) of bb processes counted in `threads`
         self._other = {}  # pid -> first seen (monotonic) while not one of ours
         self._stop = threading.Event()
         self._thread = None
@@ -203,6 +206,11 @@ class RSSSampler:
                     continue
                 self._other.pop(name, None)
                 rss = support.status_bytes(name, "VmRSS")
+                key = (name, support.start_time(name))
+                if key not in self._seen:
+                    self._seen.add(key)
+                    threads = bb_threads(name)
+                    self.threads[threads] = self.threads.get(threads, 0) + 1
                 if rss is not None:
                     total += rss
                     count += 1
@@ -212,6 +220,28 @@ class RSSSampler:
             self.peak_bytes = max(self.peak_bytes, total)
             self.peak_count = max(self.peak_count, count)
             self._stop.wait(self.interval)
+
+
+def bb_threads(pid):
+    """HARDWARE_CONCURRENCY (str) in the environment of `pid`, "-" if unset, "?" if unreadable."""
+    try:
+        with open(f"/proc/{pid}/environ", "rb") as f:
+            for item in f.read().split(b"\0"):
+                if item.startswith(b"HARDWARE_CONCURRENCY="):
+                    return item.split(b"=", 1)[1].decode()
+        return "-"
+    except OSError:
+        return "?"
+
+
+def own_cpu_seconds(pids):
+    """CPU seconds (utime + stime, children excluded) used so far by the live processes among `pids`."""
+    total = 0
+    for pid in pids:
+        fields = support.proc_stat(pid)
+        if fields:
+            total += int(fields[11]) + int(fields[12])
+    return total / os.sysconf("SC_CLK_TCK")
 
 
 # ---------------------------------------------------------------- background load

@@ -9,8 +9,9 @@ OVERHEAD_FROM_LOG = 14
 SMALL_OVERHEAD_S = 0.025     # worker p50 - floor p50 on the smallest circuit
 RUST_SPEEDUP = 1.10          # rust call p50 / worker p50, from 2^16 rows up
 RUST_FROM_LOG = 16
-THROUGHPUT_KEPT = 0.90       # 8 clients' proofs/min over 1 client's, with the limit
-RSS_SLACK = 1.10             # peak bb RSS may exceed limit x one proof's RSS by sampling noise only
+# The targets of issue 14: the scheduler against the old policy (MAX_CONCURRENT_PROOFS=1), same run.
+SCHED_GAIN = {12: 1.35, 18: 1.12}   # 8 clients: scheduler proofs/min / old policy's, by log2 size
+LONE_P50 = 1.02                     # 1 client: scheduler p50 / old policy's p50, at every size
 
 
 def med(xs):
@@ -63,34 +64,35 @@ def targets(results):
     else:
         out.append((f"worker ≥ {RUST_SPEEDUP}x faster than the Rust worker's call from 2^{RUST_FROM_LOG} rows up",
                     None, "no size ≥ 2^16 in this run"))
-    conc = results.get("concurrency")
-    if conc:
-        runs = [r for r in conc["runs"] if r["limit"] == "default"]
-        by = {r["clients"]: r for r in runs}
-        lo, hi = min(by), max(by)
-        kept = by[hi]["proofs_per_min"] / by[lo]["proofs_per_min"] if by[lo]["proofs_per_min"] else 0.0
-        out.append((f"with the limit ({results['default_limit']}), {hi} clients keep ≥ "
-                    f"{THROUGHPUT_KEPT:.0%} of {lo} client's throughput",
-                    verdict(kept >= THROUGHPUT_KEPT and not by[hi]["failed"]),
-                    f"{by[hi]['proofs_per_min']:.1f} vs {by[lo]['proofs_per_min']:.1f} proofs/min = {kept:.1%}"
-                    + (f"; failed requests: {by[hi]['failed']}" if by[hi]["failed"] else "")))
-        one = conc["one_proof_rss_bytes"]
-        cap = results["default_limit"] * one
-        peak = max(r["peak_rss_bytes"] for r in runs)
-        peak_bb = max(r["peak_bb"] for r in runs)
-        out.append(("with the limit, peak bb RSS stays at MAX_CONCURRENT_PROOFS x one proof's RSS",
-                    verdict(peak <= cap * RSS_SLACK and peak_bb <= results["default_limit"]),
-                    f"peak {peak / MiB:.0f} MiB in at most {peak_bb} bb at once; "
-                    f"{results['default_limit']} x {one / MiB:.0f} MiB = {cap / MiB:.0f} MiB"))
-        free = [r for r in conc["runs"] if r["limit"] == "unbounded"]
-        if free:
-            f8 = max(free, key=lambda r: r["clients"])
-            l8 = by[hi]
-            out.append(("unbounded: what it does to memory and p95 (no target)", "shown",
-                        f"{f8['clients']} clients: peak bb RSS {f8['peak_rss_bytes'] / MiB:.0f} MiB "
-                        f"({f8['peak_bb']} bb at once) vs {l8['peak_rss_bytes'] / MiB:.0f} MiB with the limit; "
-                        f"p95 {_p(f8, 'p95')} s vs {_p(l8, 'p95')} s; "
-                        f"{f8['proofs_per_min']:.1f} vs {l8['proofs_per_min']:.1f} proofs/min"))
+    for conc in results.get("concurrency") or []:
+        by = {(r["limit"], r["clients"]): r for r in conc["runs"]}
+        log, hi = conc["log"], max(r["clients"] for r in conc["runs"])
+        old, new = by.get(("today", hi)), by.get(("scheduler", hi))
+        if old and new and old["proofs_per_min"]:
+            gain = new["proofs_per_min"] / old["proofs_per_min"]
+            want = SCHED_GAIN.get(log)
+            out.append((f"2^{log}, {hi} clients: scheduler proofs/min ≥ {want}x the old policy's" if want else
+                        f"2^{log}, {hi} clients: scheduler proofs/min vs the old policy's (no target)",
+                        verdict(gain >= want) if want else "shown",
+                        f"{new['proofs_per_min']:.1f} vs {old['proofs_per_min']:.1f} proofs/min = {gain:.2f}x"))
+        old, new = by.get(("today", 1)), by.get(("scheduler", 1))
+        if old and new and old["latency"] and new["latency"]:
+            ratio = new["latency"]["p50"] / old["latency"]["p50"]
+            out.append((f"2^{log}, 1 client: scheduler p50 ≤ {LONE_P50}x the old policy's", verdict(ratio <= LONE_P50),
+                        f"{new['latency']['p50']:.3f} vs {old['latency']['p50']:.3f} s = {ratio:.3f}"))
+        sched = [r for r in conc["runs"] if r["limit"] == "scheduler"]
+        peak = max(r["peak_rss_bytes"] for r in sched)
+        out.append((f"2^{log}: scheduler's peak bb RSS ≤ its budget", verdict(peak <= conc["budget_bytes"]),
+                    f"{peak / MiB:.0f} MiB in at most {max(r['peak_bb'] for r in sched)} bb at once; "
+                    f"budget {conc['budget_bytes'] / MiB:.0f} MiB"))
+        ok = sum(r["ok"] for r in conc["runs"])
+        if conc["crs"] == "real":
+            verified = sum(r["verified"] for r in conc["runs"])
+            out.append((f"2^{log}: `bb verify` accepts every proof", verdict(verified == ok),
+                        f"{verified} of {ok} proofs verified"))
+        else:
+            out.append((f"2^{log}: `bb verify` accepts every proof", None,
+                        f"dev CRS: its {ok} proofs cannot verify (see the CRS check)"))
     return out
 
 
@@ -101,10 +103,11 @@ def _p(run, key):
 def failures(results):
     """Problems that make the run a failure (list of str): failed proof requests."""
     out = []
-    for r in (results.get("concurrency") or {}).get("runs", []):
-        if r["failed"]:
-            out.append(f"{sum(r['failed'].values())} of {r['requests']} requests failed at {r['clients']} "
-                       f"clients, limit {r['limit']}: {r['failed']}")
+    for conc in results.get("concurrency") or []:
+        for r in conc["runs"]:
+            if r["failed"]:
+                out.append(f"{sum(r['failed'].values())} of {r['requests']} requests failed at 2^{conc['log']}, "
+                           f"{r['clients']} clients, {r['limit']}: {r['failed']}")
     return out
 
 
@@ -185,24 +188,44 @@ def breakdown_table(results):
     return head + "\n".join(rows) + "\n"
 
 
-def concurrency_table(results):
-    """The concurrency markdown table (str)."""
-    conc = results["concurrency"]
-    head = ("| MAX_CONCURRENT_PROOFS | clients | batches | proofs | failed | elapsed s | proofs/min | vs 1 client | "
-            "p50 s | p95 s | peak bb RSS MiB | bb at once (max) | other load (cores) |\n"
-            "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|\n")
+def concurrency_table(conc):
+    """The markdown table of one size's concurrency runs, the two policies side by side (str)."""
+    head = ("| clients | policy | batches | proofs | proofs/min | scheduler / old | p50 s | p95 s | "
+            "peak bb RSS MiB | bb at once (max) | bb runs by threads | other load (cores) |\n"
+            "|---:|---|---:|---:|---:|---:|---:|---:|---:|---:|---|---:|\n")
+    by = {(r["limit"], r["clients"]): r for r in conc["runs"]}
     rows = []
-    base = {}
-    for r in conc["runs"]:
-        base.setdefault(r["limit"], r["proofs_per_min"])
-        rel = r["proofs_per_min"] / base[r["limit"]] if base[r["limit"]] else 0.0
-        label = f"{r['max_concurrent_proofs']} ({r['limit']})"
-        rows.append(f"| {label} | {r['clients']} | {r['batches']}"
-                    + (f" (+{r['batches_discarded']})" if r.get("batches_discarded") else "")
-                    + f" | {r['ok']} | {sum(r['failed'].values())} | {r['elapsed']:.1f} | "
-                    f"{r['proofs_per_min']:.1f} | {rel:.2f} | {_p(r, 'p50')} | {_p(r, 'p95')} | "
-                    f"{r['peak_rss_bytes'] / MiB:.0f} | {r['peak_bb']} | {med(r['batch_load']):.2f} |")
+    for clients in sorted({r["clients"] for r in conc["runs"]}):
+        for label in ("today", "scheduler"):
+            r = by.get((label, clients))
+            if r is None:
+                continue
+            old = by.get(("today", clients))
+            rel = (f"{r['proofs_per_min'] / old['proofs_per_min']:.2f}x"
+                   if label == "scheduler" and old and old["proofs_per_min"] else "")
+            threads = ", ".join(f"{k}: {v}" for k, v in sorted(r["threads"].items()))
+            rows.append(f"| {clients} | {label} | {r['batches']}"
+                        + (f" (+{r['batches_discarded']})" if r.get("batches_discarded") else "")
+                        + f" | {r['ok']} | {r['proofs_per_min']:.1f} | {rel} | {_p(r, 'p50')} | {_p(r, 'p95')} | "
+                        f"{r['peak_rss_bytes'] / MiB:.0f} | {r['peak_bb']} | {threads} | {med(r['batch_load']):.2f} |")
     return head + "\n".join(rows) + "\n"
+
+
+def throughput_breakdown(conc):
+    """Where a proof's time goes under the most clients, per policy (markdown table, str)."""
+    hi = max(r["clients"] for r in conc["runs"])
+    rows = []
+    for r in conc["runs"]:
+        if r["clients"] != hi or not r["ok"]:
+            continue
+        n = r["ok"]
+        wall = r["elapsed"] / n
+        rows.append(f"| {r['limit']} | {ms(wall)} | {ms(r['bb_seconds'] / n)} | "
+                    f"{ms(wall - r['bb_seconds'] / n / max(1, r['peak_bb']))} | "
+                    f"{ms(r['worker_cpu'] / n)} | {ms(r['bench_cpu'] / n)} |")
+    return ("| policy | wall time per proof ms | bb time per proof (in the worker) ms | "
+            "wall − bb time / bb at once ms | worker CPU per proof ms | benchmark client CPU per proof ms |\n"
+            "|---|---:|---:|---:|---:|---:|\n" + "\n".join(rows) + "\n")
 
 
 def noise_policy(results):
@@ -230,7 +253,8 @@ def markdown(results):
         "(shared and noisy: compare numbers within this run only)",
         f"- bb {m.get('bb')}; Noir {results.get('noir')}; Python {m.get('python')}, gunicorn {m.get('gunicorn')}, "
         f"gevent {m.get('gevent')}; worker at commit {m.get('worker_commit')}",
-        f"- Worker: 1 gunicorn gevent worker, MAX_CONCURRENT_PROOFS default = {results.get('default_limit')}, "
+        f"- Worker: 1 gunicorn gevent worker, MAX_CONCURRENT_PROOFS default = {results.get('default_limit')} "
+        "(= the cores), "
         "other settings at their defaults; client: Python http.client on 127.0.0.1, a new connection per request",
         "- Every time is a median (p50) over interleaved rounds (the order rotates each round) after one "
         "warm-up of each; ratios compare medians of the same run.",
@@ -276,20 +300,27 @@ def markdown(results):
     for text, result, detail in targets(results):
         parts.append(f"- {text}: {result or 'not measured'} ({detail})")
     parts.append("")
-    if results.get("concurrency"):
-        conc = results["concurrency"]
-        parts += [f"## Concurrency at 2^{conc['log']}\n",
+    for conc in results.get("concurrency") or []:
+        parts += [f"## Concurrency at 2^{conc['log']}: the scheduler against the old policy\n",
                   f"Closed loop: each client sends its next proof request as soon as the last one is answered; "
                   f"a batch is {conc['per_client']} requests per client (at least {conc['min_batch']}), "
-                  f"{conc['passes']} pass(es) over all batches, the two servers "
-                  "running side by side and the batches alternating between them. "
+                  f"{conc['passes']} pass(es) over all batches, the two servers running side by side and the "
+                  "batches alternating between them (A B, B A, ...). *today*: `MAX_CONCURRENT_PROOFS=1` (one "
+                  "proof at a time, every core); *scheduler*: the defaults (a lone proof gets every core, "
+                  f"queued ones split them) with `PROOF_MEMORY_BUDGET_BYTES` = {conc['budget_bytes'] / MiB:.0f} MiB. "
                   + ("A batch during which other processes used more than 0.3 cores is re-run (twice at most; "
                      "*batches*: kept (+ discarded)); failed requests count whatever the batch. "
                      if results.get("patience", {}).get("reruns", True) else "") +
-                  f"Other processes used {conc['background']['other_cores']:.2f} cores meanwhile. "
-                  f"One bare proof's peak RSS at this size: {conc['one_proof_rss_bytes'] / MiB:.0f} MiB. Peak bb "
-                  "RSS is the largest sum of VmRSS over all bb processes, sampled every 20 ms.\n",
-                  concurrency_table(results)]
+                  f"Other processes used {conc['background']['other_cores']:.2f} cores meanwhile. Peak bb RSS is "
+                  "the largest sum of VmRSS over all bb processes, sampled every 20 ms; *bb runs by threads* "
+                  "counts bb processes by the HARDWARE_CONCURRENCY in their environment (/proc/<pid>/environ). "
+                  + ("Every proof was checked with `bb verify`." if conc["crs"] == "real" else
+                     "Dev CRS: proofs are timed, not verified.") + "\n",
+                  concurrency_table(conc),
+                  f"\nWhere the time goes at {max(r['clients'] for r in conc['runs'])} clients (per proof; "
+                  "*bb time* from the worker's prove-duration metric, *worker CPU* of the gunicorn processes "
+                  "without bb, *client CPU* of this benchmark's process, its RSS sampler included):\n",
+                  throughput_breakdown(conc)]
     if results.get("crs_check"):
         c = results["crs_check"]
         parts += [f"## CRS check at 2^{c['log']}\n",

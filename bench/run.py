@@ -34,6 +34,7 @@ from datetime import datetime, timezone
 
 import bbrunner
 from bench import dev_crs, measure, report
+from tests import support
 from bench.measure import BenchError
 
 BENCH = os.path.dirname(os.path.abspath(__file__))
@@ -47,7 +48,11 @@ SHARED_CRS = os.path.join(os.path.dirname(ROOT), "shared", "crs")
 SIZES = {10: 7, 11: 15, 12: 31, 13: 62, 14: 125, 15: 250, 16: 501, 17: 1003, 18: 2006}
 COMMITTED = (10, 11, 12, 13)
 REAL_CRS_LOG = 15  # ../shared/crs holds 2^15 + 1 points
-UNBOUNDED = 64     # "unbounded": MAX_CONCURRENT_PROOFS well above the client count
+# The policies side by side in the concurrency phase: the scheduler at its defaults (a lone proof gets
+# every core, queued ones split them) within a memory budget, and the old policy pinned.
+BUDGET_BYTES = 1 << 30
+POLICIES = (("today", {"MAX_CONCURRENT_PROOFS": "1"}),
+            ("scheduler", {"PROOF_MEMORY_BUDGET_BYTES": str(BUDGET_BYTES)}))
 # A round (or batch) during which other processes kept more than this many cores busy on average
 # is re-run (up to twice as many rounds in all): on 2 cores such a round times the neighbours.
 NOISY_CORES = 0.3
@@ -58,8 +63,8 @@ class Options:
     """One benchmark run's settings: a mode's defaults, then the command line's overrides.
 
     bb: path of bb. sizes: log2 sizes of the latency phase. repeats: {log: rounds},
-    default_repeats for the others. conc_log: size of the concurrency phase (None: skip it);
-    clients, per_client, min_batch, passes: its batches. crs_check_log/_repeats: the real
+    default_repeats for the others. conc_logs: sizes of the concurrency phase (empty: skip it);
+    clients, per_client, min_batch, passes: its batches (halved from 2^16 rows up, one pass). crs_check_log/_repeats: the real
     vs dev CRS check. max_wait, reruns: how patient to be with the neighbours (the full run
     waits for quiet and re-runs noisy rounds; the quick run, CI's, barely waits and never re-runs).
     """
@@ -67,7 +72,7 @@ class Options:
     sizes: tuple
     repeats: dict
     default_repeats: int
-    conc_log: int
+    conc_logs: tuple
     clients: tuple
     per_client: int
     min_batch: int
@@ -82,6 +87,12 @@ class Options:
         """Rounds of the latency phase at size 2^log."""
         return self.repeats.get(log, self.default_repeats)
 
+    def batches(self, log):
+        """(passes, per_client, min_batch) of the concurrency phase at 2^log: big circuits get fewer."""
+        if log >= 16:
+            return 1, max(1, self.per_client // 2), max(2, self.min_batch // 2)
+        return self.passes, self.per_client, self.min_batch
+
     @property
     def patience(self):
         return {"max_wait": self.max_wait, "reruns": self.reruns}
@@ -89,10 +100,10 @@ class Options:
 
 MODES = {
     "full": Options("full", sizes=tuple(range(10, 19)), repeats={16: 11, 17: 9, 18: 7}, default_repeats=15,
-                    conc_log=15, clients=(1, 2, 4, 8), per_client=3, min_batch=8, passes=4,
+                    conc_logs=(12, 15, 18), clients=(1, 2, 4, 8), per_client=3, min_batch=8, passes=3,
                     crs_check_log=15, crs_check_repeats=9, max_wait=20.0, reruns=True),
     "quick": Options("quick", sizes=(10, 11, 12, 13), repeats={}, default_repeats=5,
-                     conc_log=12, clients=(1, 2, 4, 8), per_client=2, min_batch=6, passes=1,
+                     conc_logs=(12,), clients=(1, 2, 4, 8), per_client=2, min_batch=6, passes=1,
                      crs_check_log=12, crs_check_repeats=3, max_wait=2.0, reruns=False),
 }
 
@@ -330,49 +341,56 @@ def latency_phase(opts, log, crs, crs_kind, work):
     return rec
 
 
-def concurrency_phase(opts, log, crs, work, default_limit):
-    """Clients 1..8 against two live workers, the limit at its default and unbounded; return records.
+def concurrency_phase(opts, log, crs, crs_kind, work):
+    """Clients 1..8 against two live workers, the old policy and the scheduler (POLICIES); return records.
 
     Both servers run side by side (idle when not under test) and the batches
-    alternate between them pass after pass, so background noise hits both
-    alike. A batch is `clients` threads sending max(`per_client` x clients,
-    `min_batch`) requests, closed loop. Records aggregate the passes per (limit, clients).
+    alternate between them (A, B, B, A, ...), so background noise hits both
+    alike. A batch is `clients` threads sending max(per_client x clients,
+    min_batch) requests, closed loop. Records aggregate the passes per (policy, clients).
+    On the real CRS every proof is checked with `bb verify` (outside the timing).
     """
-    bb, clients_list, passes = opts.bb, list(opts.clients), opts.passes
+    bb, clients_list = opts.bb, list(opts.clients)
+    passes, per_client, min_batch = opts.batches(log)
     size = load_size(log)
-    configs = (("default", default_limit), ("unbounded", UNBOUNDED))
+    vk = None
+    if crs_kind == "real":
+        vk_dir = fresh_dir(os.path.join(work, "vk"))
+        measure.write_vk(bb, size["circuit"], vk_dir, crs)
+        vk = os.path.join(vk_dir, "vk")
     acc = {}
     servers = {}
     meter = measure.CpuMeter().start()
     try:
-        for label, limit in configs:
-            env = {"CIRCUIT_PATH": size["circuit"], "BB_BINARY": bb, "BB_CRS_PATH": crs}
-            if label == "unbounded":
-                env["MAX_CONCURRENT_PROOFS"] = str(limit)
+        for label, extra in POLICIES:
+            env = {"CIRCUIT_PATH": size["circuit"], "BB_BINARY": bb, "BB_CRS_PATH": crs, **extra}
             servers[label] = measure.Server(fresh_dir(os.path.join(work, f"server-{label}")), env)
         for label, server in servers.items():
             server.wait_ready()
             check_reply(measure.prove(server.port, size["witness"]), size, f"warm-up ({label})")
+        turn = 0
         for p in range(passes):
             for clients in clients_list:
-                order = configs if (p + clients_list.index(clients)) % 2 == 0 else configs[::-1]
-                for label, limit in order:
+                turn += 1
+                order = POLICIES if turn % 2 else POLICIES[::-1]
+                for label, _ in order:
                     rec = acc.setdefault((label, clients), {
-                        "limit": label, "max_concurrent_proofs": limit, "clients": clients, "requests": 0,
+                        "limit": label, "clients": clients, "requests": 0,
                         "ok": 0, "failed": {}, "elapsed": 0.0, "latencies": [], "peak_rss_bytes": 0,
                         "peak_bb": 0, "rss_samples": 0, "batches": 0, "batch_load": [], "waited": 0.0,
-                        "batches_discarded": 0})
+                        "batches_discarded": 0, "verified": 0, "threads": {}, "bb_seconds": 0.0,
+                        "worker_cpu": 0.0, "bench_cpu": 0.0})
                     for attempt in range(3):  # a batch the neighbours disturbed is re-run, twice at most
                         batch = run_batch(opts, servers[label], size, clients,
-                                          max(clients * opts.per_client, opts.min_batch))
+                                          max(clients * per_client, min_batch), vk, crs)
                         rec["waited"] += batch["waited"]
                         for key, count in batch["failed"].items():  # failures always count
                             rec["failed"][key] = rec["failed"].get(key, 0) + count
                         bad = sum(batch["failed"].values())
-                        progress(f"  pass {p + 1}/{passes}, limit {label} ({limit}), {clients} clients: "
+                        progress(f"  2^{log} pass {p + 1}/{passes}, {label}, {clients} clients: "
                                  f"{len(batch['ok'])} proofs in {batch['elapsed']:.1f} s, peak bb RSS "
-                                 f"{batch['peak_bytes'] / 2**20:.0f} MiB in {batch['peak_count']} bb; "
-                                 f"other processes {batch['load']:.2f} cores"
+                                 f"{batch['peak_bytes'] / 2**20:.0f} MiB in {batch['peak_count']} bb, threads "
+                                 f"{batch['threads']}; other processes {batch['load']:.2f} cores"
                                  + (f", {bad} FAILED" if bad else ""))
                         if bad:
                             progress("  server log:\n" + servers[label].output_tail())
@@ -388,42 +406,67 @@ def concurrency_phase(opts, log, crs, work, default_limit):
                     rec["peak_rss_bytes"] = max(rec["peak_rss_bytes"], batch["peak_bytes"])
                     rec["peak_bb"] = max(rec["peak_bb"], batch["peak_count"])
                     rec["batch_load"].append(batch["load"])
+                    rec["verified"] += batch["verified"]
+                    for threads, count in batch["threads"].items():
+                        rec["threads"][threads] = rec["threads"].get(threads, 0) + count
+                    for key in ("bb_seconds", "worker_cpu", "bench_cpu"):
+                        rec[key] += batch[key]
     finally:
         for server in servers.values():
             server.stop()
     background = meter.stop()
     records = []
-    for label, _ in configs:
+    for label, _ in POLICIES:
         for clients in clients_list:
             rec = acc[(label, clients)]
             rec["proofs_per_min"] = rec["ok"] / rec["elapsed"] * 60 if rec["elapsed"] else 0.0
             rec["latency"] = summary(rec["latencies"])
             records.append(rec)
-    return records, background
+    return {"log": log, "crs": crs_kind, "runs": records, "passes": passes, "per_client": per_client,
+            "min_batch": min_batch, "budget_bytes": BUDGET_BYTES, "background": background}
 
 
-def run_batch(opts, server, size, clients, total):
-    """One closed-loop batch against `server` once the machine is quiet, sampling bb's RSS.
+def run_batch(opts, server, size, clients, total, vk=None, crs=None):
+    """One closed-loop batch against `server` once the machine is quiet, sampling bb's RSS and threads.
 
     Returns a dict: elapsed (s), ok (list of latencies in s), failed ({reason: count}),
-    peak_bytes, peak_count, samples (RSS sampler), load (other processes' cores), waited (s).
+    peak_bytes, peak_count, samples, threads ({HARDWARE_CONCURRENCY: bb runs}) from the sampler,
+    load (other processes' cores), waited (s), verified (proofs `bb verify` accepted, with `vk`),
+    bb_seconds (the worker's time in Circuit.prove), worker_cpu (CPU seconds of the gunicorn
+    processes, bb excluded), bench_cpu (CPU seconds of this process: clients and samplers).
     """
     waited = measure.wait_quiet(max_wait=opts.max_wait)
     before = measure.Load.snap()
+    bb_before = measure.bb_seconds_in_worker(server.port) or 0.0
+    gunicorns = [server.proc.pid] + [pid for pid, _ in support.descendants(server.proc.pid)]
+    cpu_before = measure.own_cpu_seconds(gunicorns)
+    me_before = time.process_time()
     sampler = measure.RSSSampler(opts.bb, server.proc.pid).start()
     try:
         elapsed, replies = measure.closed_loop(server.port, size["witness"], clients, total,
                                                size["meta"]["public_inputs"])
     finally:
         sampler.stop()
-    failed = {}
+    bench_cpu = time.process_time() - me_before
+    worker_cpu = measure.own_cpu_seconds(gunicorns) - cpu_before
+    bb_seconds = (measure.bb_seconds_in_worker(server.port) or 0.0) - bb_before
+    load = measure.Load.between(before, measure.Load.snap())["other_cores"]
+    failed, ok, verified = {}, [], 0
     for r in replies:
-        if r.status != 200:
+        if r.status == 200 and vk is not None:
+            if measure.verify(opts.bb, vk, r.proof, r.public_inputs, crs):
+                verified += 1
+            else:
+                r = r._replace(status=0, error="bb verify rejected the proof")
+        if r.status == 200:
+            ok.append(r.seconds)
+        else:
             key = f"{r.status} {r.error}"[:160]
             failed[key] = failed.get(key, 0) + 1
-    return {"elapsed": elapsed, "ok": [r.seconds for r in replies if r.status == 200], "failed": failed,
+    return {"elapsed": elapsed, "ok": ok, "failed": failed,
             "peak_bytes": sampler.peak_bytes, "peak_count": sampler.peak_count, "samples": sampler.samples,
-            "load": measure.Load.between(before, measure.Load.snap())["other_cores"], "waited": waited}
+            "threads": sampler.threads, "load": load, "waited": waited, "verified": verified,
+            "bb_seconds": bb_seconds, "worker_cpu": worker_cpu, "bench_cpu": bench_cpu}
 
 
 def crs_check(opts, real, dev, work):
@@ -517,7 +560,7 @@ def main(argv=None):
     parser.add_argument("--quick", action="store_true", help="small committed sizes only, ~1 min (CI)")
     parser.add_argument("--sizes", help="comma-separated log2 sizes from 10 to 18 (default: by mode)")
     parser.add_argument("--repeats", type=int, help="rounds per size (default: by mode and size)")
-    parser.add_argument("--conc-size", type=int, help="log2 size of the concurrency runs")
+    parser.add_argument("--conc-sizes", help="comma-separated log2 sizes of the concurrency runs, e.g. 12,15,18")
     parser.add_argument("--no-concurrency", action="store_true")
     parser.add_argument("--no-plot", action="store_true", help="skip the PNG (no matplotlib needed)")
     parser.add_argument("--out", help="where RESULTS.md, results.json and latency.png go")
@@ -537,7 +580,7 @@ def main(argv=None):
 
     mode_name = "quick" if args.quick else "full"
     opts = MODES[mode_name]
-    custom = bool(args.sizes or args.repeats or args.conc_size or args.no_concurrency)
+    custom = bool(args.sizes or args.repeats or args.conc_sizes or args.no_concurrency)
     if args.sizes:
         sizes = tuple(sorted({int(x) for x in args.sizes.split(",")}))
         if not set(sizes) <= set(SIZES):
@@ -545,12 +588,13 @@ def main(argv=None):
         opts = dataclasses.replace(opts, sizes=sizes)
     if args.repeats:
         opts = dataclasses.replace(opts, repeats={}, default_repeats=args.repeats)
-    if args.conc_size:
-        if args.conc_size not in SIZES:
-            parser.error(f"--conc-size must be among {min(SIZES)}..{max(SIZES)}")
-        opts = dataclasses.replace(opts, conc_log=args.conc_size)
+    if args.conc_sizes:
+        logs = tuple(sorted({int(x) for x in args.conc_sizes.split(",")}))
+        if not set(logs) <= set(SIZES):
+            parser.error(f"--conc-sizes must be among {min(SIZES)}..{max(SIZES)}")
+        opts = dataclasses.replace(opts, conc_logs=logs)
     if args.no_concurrency:
-        opts = dataclasses.replace(opts, conc_log=None)
+        opts = dataclasses.replace(opts, conc_logs=())
     out_dir = args.out or (BENCH if mode_name == "full" and not custom
                            else os.path.join(OUT, mode_name if not custom else "custom"))
     bb = os.path.abspath(os.environ.get("BB_BINARY") or os.path.join(ROOT, ".bb", "bb"))
@@ -574,8 +618,7 @@ def main(argv=None):
             dev_crs.self_test()  # point 1 = s*G, on the curve, ~/.bb-crs refused
         limit = default_limit()
         results["default_limit"] = limit
-        conc_log = opts.conc_log
-        needed = sorted(set(opts.sizes) | ({conc_log} if conc_log else set()) | {opts.crs_check_log})
+        needed = sorted(set(opts.sizes) | set(opts.conc_logs) | {opts.crs_check_log})
         ensure_circuits(needed)
         results["noir"] = load_size(needed[0])["meta"]["noir_version"]
         crs_for, real, dev = prepare_crs(needed, extra_dev_log=opts.crs_check_log)
@@ -586,26 +629,12 @@ def main(argv=None):
             kind = "real" if crs_for[log] == real else "dev"
             results["sizes"].append(latency_phase(opts, log, crs_for[log], kind,
                                                   fresh_dir(os.path.join(work, f"2^{log}"))))
-        if conc_log:
-            progress(f"concurrency at 2^{conc_log} (MAX_CONCURRENT_PROOFS default {limit} and {UNBOUNDED})")
-            one = [s for s in results["sizes"] if s["log"] == conc_log]
-            if one:
-                one_rss = statistics.median(one[0]["floor_rss"])
-            else:  # not in the latency sizes: measure one bare proof's RSS here
-                size = load_size(conc_log)
-                vk_dir = fresh_dir(os.path.join(work, "conc-vk"))
-                measure.write_vk(bb, size["circuit"], vk_dir, crs_for[conc_log])
-                one_rss = statistics.median(
-                    measure.run_bb(bb_argv(bb, size, fresh_dir(os.path.join(work, "conc-floor")),
-                                           crs_for[conc_log], os.path.join(vk_dir, "vk")),
-                                   sample_rss=True).max_rss_bytes
-                    for _ in range(3))
-            runs, background = concurrency_phase(opts, conc_log, crs_for[conc_log],
-                                                 fresh_dir(os.path.join(work, "conc")), limit)
-            results["concurrency"] = {"log": conc_log, "one_proof_rss_bytes": one_rss, "runs": runs,
-                                      "passes": opts.passes, "per_client": opts.per_client,
-                                      "min_batch": opts.min_batch,
-                                      "background": background}
+        results["concurrency"] = []
+        for log in opts.conc_logs:
+            progress(f"concurrency at 2^{log}: " + " vs ".join(label for label, _ in POLICIES))
+            kind = "real" if crs_for[log] == real else "dev"
+            results["concurrency"].append(concurrency_phase(opts, log, crs_for[log], kind,
+                                                            fresh_dir(os.path.join(work, f"conc-2^{log}"))))
         if real and dev:
             results["crs_check"] = crs_check(opts, real, dev, fresh_dir(os.path.join(work, "crs")))
     except (BenchError, measure.ServerError) as exc:
