@@ -90,7 +90,7 @@ class Options:
     def batches(self, log):
         """(passes, per_client, min_batch) of the concurrency phase at 2^log: big circuits get fewer."""
         if log >= 16:
-            return 1, max(1, self.per_client // 2), max(2, self.min_batch // 2)
+            return 1, self.per_client, max(4, self.min_batch // 2)
         return self.passes, self.per_client, self.min_batch
 
     @property
@@ -352,6 +352,8 @@ def concurrency_phase(opts, log, crs, crs_kind, work):
     """
     bb, clients_list = opts.bb, list(opts.clients)
     passes, per_client, min_batch = opts.batches(log)
+    one_client = [] if 1 not in clients_list else [1]
+    clients_list = [c for c in clients_list if c != 1]
     size = load_size(log)
     vk = None
     if crs_kind == "real":
@@ -368,24 +370,23 @@ def concurrency_phase(opts, log, crs, crs_kind, work):
         for label, server in servers.items():
             server.wait_ready()
             check_reply(measure.prove(server.port, size["witness"]), size, f"warm-up ({label})")
+        for p in range(passes):  # one client: single requests alternate between the servers (A B B A ...)
+            for i in range(max(per_client, min_batch) if one_client else 0):
+                measure.wait_quiet(max_wait=opts.max_wait)  # once per pair
+                for label, _ in (POLICIES if (p + i) % 2 == 0 else POLICIES[::-1]):
+                    add(acc, label, 1, run_batch(opts, servers[label], size, 1, 1, vk, crs, quiet=False))
+            progress(f"  2^{log} pass {p + 1}/{passes}, 1 client: " + ", ".join(
+                f"{label} p50 {statistics.median(acc[(label, 1)]['latencies']):.3f} s"
+                for label, _ in POLICIES if acc.get((label, 1), {}).get("latencies")))
         turn = 0
         for p in range(passes):
             for clients in clients_list:
                 turn += 1
                 order = POLICIES if turn % 2 else POLICIES[::-1]
                 for label, _ in order:
-                    rec = acc.setdefault((label, clients), {
-                        "limit": label, "clients": clients, "requests": 0,
-                        "ok": 0, "failed": {}, "elapsed": 0.0, "latencies": [], "peak_rss_bytes": 0,
-                        "peak_bb": 0, "rss_samples": 0, "batches": 0, "batch_load": [], "waited": 0.0,
-                        "batches_discarded": 0, "verified": 0, "threads": {}, "bb_seconds": 0.0,
-                        "worker_cpu": 0.0, "bench_cpu": 0.0})
                     for attempt in range(3):  # a batch the neighbours disturbed is re-run, twice at most
                         batch = run_batch(opts, servers[label], size, clients,
                                           max(clients * per_client, min_batch), vk, crs)
-                        rec["waited"] += batch["waited"]
-                        for key, count in batch["failed"].items():  # failures always count
-                            rec["failed"][key] = rec["failed"].get(key, 0) + count
                         bad = sum(batch["failed"].values())
                         progress(f"  2^{log} pass {p + 1}/{passes}, {label}, {clients} clients: "
                                  f"{len(batch['ok'])} proofs in {batch['elapsed']:.1f} s, peak bb RSS "
@@ -396,28 +397,15 @@ def concurrency_phase(opts, log, crs, crs_kind, work):
                             progress("  server log:\n" + servers[label].output_tail())
                         if batch["load"] <= NOISY_CORES or attempt == 2 or not opts.reruns:
                             break
-                        rec["batches_discarded"] += 1
-                    rec["requests"] += len(batch["ok"]) + bad
-                    rec["ok"] += len(batch["ok"])
-                    rec["latencies"] += batch["ok"]
-                    rec["elapsed"] += batch["elapsed"]
-                    rec["batches"] += 1
-                    rec["rss_samples"] += batch["samples"]
-                    rec["peak_rss_bytes"] = max(rec["peak_rss_bytes"], batch["peak_bytes"])
-                    rec["peak_bb"] = max(rec["peak_bb"], batch["peak_count"])
-                    rec["batch_load"].append(batch["load"])
-                    rec["verified"] += batch["verified"]
-                    for threads, count in batch["threads"].items():
-                        rec["threads"][threads] = rec["threads"].get(threads, 0) + count
-                    for key in ("bb_seconds", "worker_cpu", "bench_cpu"):
-                        rec[key] += batch[key]
+                        add(acc, label, clients, batch, discarded=True)
+                    add(acc, label, clients, batch)
     finally:
         for server in servers.values():
             server.stop()
     background = meter.stop()
     records = []
     for label, _ in POLICIES:
-        for clients in clients_list:
+        for clients in one_client + clients_list:
             rec = acc[(label, clients)]
             rec["proofs_per_min"] = rec["ok"] / rec["elapsed"] * 60 if rec["elapsed"] else 0.0
             rec["latency"] = summary(rec["latencies"])
@@ -426,7 +414,37 @@ def concurrency_phase(opts, log, crs, crs_kind, work):
             "min_batch": min_batch, "budget_bytes": BUDGET_BYTES, "background": background}
 
 
-def run_batch(opts, server, size, clients, total, vk=None, crs=None):
+def add(acc, label, clients, batch, discarded=False):
+    """Add one batch to the record of (label, clients) in `acc` (only its failures if `discarded`)."""
+    rec = acc.setdefault((label, clients), {
+        "limit": label, "clients": clients, "requests": 0, "ok": 0, "failed": {}, "elapsed": 0.0,
+        "latencies": [], "peak_rss_bytes": 0, "peak_bb": 0, "rss_samples": 0, "batches": 0, "batch_load": [],
+        "waited": 0.0, "batches_discarded": 0, "verified": 0, "threads": {}, "bb_seconds": 0.0,
+        "worker_cpu": 0.0, "bench_cpu": 0.0})
+    rec["waited"] += batch["waited"]
+    for key, count in batch["failed"].items():  # failures always count
+        rec["failed"][key] = rec["failed"].get(key, 0) + count
+    rec["requests"] += sum(batch["failed"].values())
+    if discarded:
+        rec["batches_discarded"] += 1
+        return
+    rec["requests"] += len(batch["ok"])
+    rec["ok"] += len(batch["ok"])
+    rec["latencies"] += batch["ok"]
+    rec["elapsed"] += batch["elapsed"]
+    rec["batches"] += 1
+    rec["rss_samples"] += batch["samples"]
+    rec["peak_rss_bytes"] = max(rec["peak_rss_bytes"], batch["peak_bytes"])
+    rec["peak_bb"] = max(rec["peak_bb"], batch["peak_count"])
+    rec["batch_load"].append(batch["load"])
+    rec["verified"] += batch["verified"]
+    for threads, count in batch["threads"].items():
+        rec["threads"][threads] = rec["threads"].get(threads, 0) + count
+    for key in ("bb_seconds", "worker_cpu", "bench_cpu"):
+        rec[key] += batch[key]
+
+
+def run_batch(opts, server, size, clients, total, vk=None, crs=None, quiet=True):
     """One closed-loop batch against `server` once the machine is quiet, sampling bb's RSS and threads.
 
     Returns a dict: elapsed (s), ok (list of latencies in s), failed ({reason: count}),
@@ -435,7 +453,7 @@ def run_batch(opts, server, size, clients, total, vk=None, crs=None):
     bb_seconds (the worker's time in Circuit.prove), worker_cpu (CPU seconds of the gunicorn
     processes, bb excluded), bench_cpu (CPU seconds of this process: clients and samplers).
     """
-    waited = measure.wait_quiet(max_wait=opts.max_wait)
+    waited = measure.wait_quiet(max_wait=opts.max_wait) if quiet else 0.0
     before = measure.Load.snap()
     bb_before = measure.bb_seconds_in_worker(server.port) or 0.0
     gunicorns = [server.proc.pid] + [pid for pid, _ in support.descendants(server.proc.pid)]
@@ -562,6 +580,7 @@ def main(argv=None):
     parser.add_argument("--repeats", type=int, help="rounds per size (default: by mode and size)")
     parser.add_argument("--conc-sizes", help="comma-separated log2 sizes of the concurrency runs, e.g. 12,15,18")
     parser.add_argument("--no-concurrency", action="store_true")
+    parser.add_argument("--passes", type=int, help="passes of the concurrency phase (sizes up to 2^15)")
     parser.add_argument("--no-plot", action="store_true", help="skip the PNG (no matplotlib needed)")
     parser.add_argument("--out", help="where RESULTS.md, results.json and latency.png go")
     parser.add_argument("--render", metavar="RESULTS_JSON",
@@ -580,7 +599,7 @@ def main(argv=None):
 
     mode_name = "quick" if args.quick else "full"
     opts = MODES[mode_name]
-    custom = bool(args.sizes or args.repeats or args.conc_sizes or args.no_concurrency)
+    custom = bool(args.sizes or args.repeats or args.conc_sizes or args.no_concurrency or args.passes)
     if args.sizes:
         sizes = tuple(sorted({int(x) for x in args.sizes.split(",")}))
         if not set(sizes) <= set(SIZES):
@@ -595,6 +614,8 @@ def main(argv=None):
         opts = dataclasses.replace(opts, conc_logs=logs)
     if args.no_concurrency:
         opts = dataclasses.replace(opts, conc_logs=())
+    if args.passes:
+        opts = dataclasses.replace(opts, passes=args.passes)
     out_dir = args.out or (BENCH if mode_name == "full" and not custom
                            else os.path.join(OUT, mode_name if not custom else "custom"))
     bb = os.path.abspath(os.environ.get("BB_BINARY") or os.path.join(ROOT, ".bb", "bb"))
