@@ -85,10 +85,7 @@ def send(port, kind, body):
 
 def test_mixed_load(start_server, bb, verify, capsys):
     srv = start_server(WEB_CONCURRENCY=2, MAX_BODY_BYTES=MAX_BODY, MAX_WITNESS_BYTES=MAX_WITNESS,
-                       QUEUE_TIMEOUT_SECONDS=60, MAX_QUEUED_REQUESTS=2 * CLIENTS)
-    # The queue cap is not under test here: a client that hung up keeps its place until the
-    # server notices (a FIN, then a probe), while its thread already sends the next request, so
-    # under load more than CLIENTS requests can be queued for a moment.
+                       QUEUE_TIMEOUT_SECONDS=60, MAX_QUEUED_REQUESTS=2 * CLIENTS, PROOF_CORES=2)  # 2 bb at most
     rng = random.Random(20261129)
     plan = make_plan(rng)
     work = queue.Queue()
@@ -150,7 +147,7 @@ def test_mixed_load(start_server, bb, verify, capsys):
         print("  by status: " + ", ".join(f"{k}: {v}" for k, v in sorted(by_status.items(), key=str)))
         print(f"  latency p50 {statistics.median(latencies) * 1000:.0f} ms, "
               f"p95 {latencies[int(len(latencies) * 0.95)] * 1000:.0f} ms")
-        print(f"  peak bb processes {sampler.peak_bb} (limit 1), peak server RSS "
+        print(f"  peak bb processes {sampler.peak_bb} (limit 2), peak server RSS "
               f"{sampler.peak_rss / 2**20:.1f} MiB over {sampler.samples} samples")
 
     assert all(verify(proof, public) for proof, public in proofs)
@@ -158,7 +155,7 @@ def test_mixed_load(start_server, bb, verify, capsys):
     # A client that hung up last may still be being cleaned up (bb killed, its files removed): allow that.
     assert wait_for(lambda: srv.leftovers() == [] and bb_processes(bb, under=srv.proc.pid) == [], timeout=15), \
         (srv.leftovers(), bb_processes(bb, under=srv.proc.pid))
-    assert sampler.peak_bb <= 1
+    assert sampler.peak_bb <= 2
     assert 0 < sampler.peak_rss < SERVER_RSS_LIMIT
     assert "Traceback" not in srv.output()
     assert os.path.isdir(srv.work_dir)
