@@ -291,15 +291,18 @@ class _FileLock:
 
     def __enter__(self):
         self.fd = os.open(self.path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
-        while True:
-            try:
-                fcntl.flock(self.fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-                return self
-            except OSError as exc:
-                if exc.errno not in (errno.EAGAIN, errno.EACCES):
-                    os.close(self.fd)
-                    raise
-            gevent.sleep(0.001)
+        try:
+            while True:
+                try:
+                    fcntl.flock(self.fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                    return self
+                except OSError as exc:
+                    if exc.errno not in (errno.EAGAIN, errno.EACCES):
+                        raise
+                gevent.sleep(0.001)  # held for microseconds by another process's decision
+        except BaseException:  # an error, or a gevent kill (ClientGone) while waiting: no fd leaks
+            os.close(self.fd)
+            raise
 
     def __exit__(self, *exc):
         os.close(self.fd)
