@@ -338,15 +338,9 @@ def count_runs(monkeypatch):
     seen = []
     real = bbrunner.run
 
-<<<<<<< HEAD
     def run(argv, timeout, *args, **kwargs):
         seen.append(argv[1])
         return real(argv, timeout, *args, **kwargs)
-=======
-    def run(argv, timeout, threads=None):
-        seen.append(argv[1])
-        return real(argv, timeout, threads)
->>>>>>> 48f03fb (Scheduler in the slot room: a lone proof gets PROOF_CORES threads, queued ones split them within MAX_CONCURRENT_PROOFS and PROOF_MEMORY_BUDGET_BYTES; bb gets HARDWARE_CONCURRENCY; live tests read it from bb's environment)
     monkeypatch.setattr(bbrunner, "run", run)
     return seen
 
@@ -386,20 +380,12 @@ sys.path.insert(0, {root!r})
 import bbrunner
 binary, circuit, cache, crs, log, go = sys.argv[1:]
 real = bbrunner.run
-<<<<<<< HEAD
 def run(argv, timeout, *args, **kwargs):
-=======
-def run(argv, timeout, threads=None):
->>>>>>> 48f03fb (Scheduler in the slot room: a lone proof gets PROOF_CORES threads, queued ones split them within MAX_CONCURRENT_PROOFS and PROOF_MEMORY_BUDGET_BYTES; bb gets HARDWARE_CONCURRENCY; live tests read it from bb's environment)
     if argv[1] == "write_vk":
         with open(log, "a") as f:
             f.write(f"{{os.getpid()}}\\n")
         time.sleep(0.3)  # widen the window in which the others race
-<<<<<<< HEAD
     return real(argv, timeout, *args, **kwargs)
-=======
-    return real(argv, timeout, threads)
->>>>>>> 48f03fb (Scheduler in the slot room: a lone proof gets PROOF_CORES threads, queued ones split them within MAX_CONCURRENT_PROOFS and PROOF_MEMORY_BUDGET_BYTES; bb gets HARDWARE_CONCURRENCY; live tests read it from bb's environment)
 bbrunner.run = run
 prover = bbrunner.Circuit(bbrunner.BB(binary, crs_dir=crs or None), circuit, cache)
 while not os.path.exists(go):

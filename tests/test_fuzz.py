@@ -58,12 +58,8 @@ def worker(bb, crs_dir, tmp_path_factory):
     """The real App with the real bb, small limits, its own temp area."""
     base = tmp_path_factory.mktemp("wsgi")
     circuit = bbrunner.Circuit(bbrunner.BB(bb, crs_dir=crs_dir, timeout=60), CIRCUIT, str(base / "vk"))
-<<<<<<< HEAD
     circuit.ensure_vk()  # ready from the first request (a server answers 503 "starting" until then)
-    queue = admission.ProofQueue(admission.ProofSlots(str(base / "slots"), 1), 10)
-=======
     queue = admission.ProofQueue(admission.Scheduler(str(base / "slots"), 1, 1, 1 << 30), 10)
->>>>>>> 48f03fb (Scheduler in the slot room: a lone proof gets PROOF_CORES threads, queued ones split them within MAX_CONCURRENT_PROOFS and PROOF_MEMORY_BUDGET_BYTES; bb gets HARDWARE_CONCURRENCY; live tests read it from bb's environment)
     os.makedirs(base / "work")
     return app.App({"default": circuit}, queue, str(base / "work"), app.Limits(LIMIT, 1024 * 1024, 5))
 

@@ -50,14 +50,10 @@ class StubCircuit:
         self.available, self.version, self.detail = available, version, detail
         self.calls = []
 
-<<<<<<< HEAD
-    def prove(self, witness_path, workdir, keep_fds=()):
-=======
     def key(self):
         return "stub"
 
-    def prove(self, witness_path, workdir, threads=None):
->>>>>>> 48f03fb (Scheduler in the slot room: a lone proof gets PROOF_CORES threads, queued ones split them within MAX_CONCURRENT_PROOFS and PROOF_MEMORY_BUDGET_BYTES; bb gets HARDWARE_CONCURRENCY; live tests read it from bb's environment)
+    def prove(self, witness_path, workdir, keep_fds=(), threads=None):
         with open(witness_path, "rb") as f:
             witness = f.read()
         self.calls.append({"witness": witness, "workdir_entries": os.listdir(workdir), "threads": threads})
