@@ -62,6 +62,7 @@ def plan(cores, cap, budget_bytes, running, waiting, peak_bytes):
     running: list of Running. waiting: requests that wait for a slot, this one included (>= 1).
     peak_bytes: this proof's expected peak RSS (bytes), or 0/None when not yet measured.
     """
+    waiting = max(1, waiting)
     if not running:
         if not peak_bytes:
             return cores  # learn the peak on a lone proof
@@ -228,14 +229,15 @@ class Scheduler:
         return running, free
 
     def _waiting(self):
-        """Requests waiting in every process (int); removes the files of dead processes."""
-        total = 0
+        """Requests waiting in every process (int); removes the files of dead processes.
+
+        This process's own count is len(self._line), whether or not its file is still there."""
+        total = len(self._line)
         for name in os.listdir(self.state_dir):
             if not name.startswith("waiting-"):
                 continue
             path = os.path.join(self.state_dir, name)
             if name == self._waiting_name():
-                total += len(self._line)
                 continue
             try:
                 fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)

@@ -82,6 +82,7 @@ class Options:
     max_wait: float
     reruns: bool
     bb: str = ""
+    big_passes: int = 1
 
     def rounds(self, log):
         """Rounds of the latency phase at size 2^log."""
@@ -90,7 +91,7 @@ class Options:
     def batches(self, log):
         """(passes, per_client, min_batch) of the concurrency phase at 2^log: big circuits get fewer."""
         if log >= 16:
-            return 1, self.per_client, max(4, self.min_batch // 2)
+            return self.big_passes, self.per_client, max(4, self.min_batch // 2)
         return self.passes, self.per_client, self.min_batch
 
     @property
@@ -376,9 +377,10 @@ def concurrency_phase(opts, log, crs, crs_kind, work):
                 measure.wait_quiet(max_wait=opts.max_wait)  # once per pair
                 for label, _ in (POLICIES if (p + i) % 2 == 0 else POLICIES[::-1]):
                     add(acc, label, 1, run_batch(opts, servers[label], size, 1, 1, vk, crs, quiet=False))
-            progress(f"  2^{log} pass {p + 1}/{passes}, 1 client: " + ", ".join(
-                f"{label} p50 {statistics.median(acc[(label, 1)]['latencies']):.3f} s"
-                for label, _ in POLICIES if acc.get((label, 1), {}).get("latencies")))
+            if one_client:
+                progress(f"  2^{log} pass {p + 1}/{passes}, 1 client: " + ", ".join(
+                    f"{label} p50 {statistics.median(acc[(label, 1)]['latencies']):.3f} s"
+                    for label, _ in POLICIES if acc.get((label, 1), {}).get("latencies")))
         turn = 0
         for p in range(passes):
             for clients in clients_list:
@@ -581,7 +583,8 @@ def main(argv=None):
     parser.add_argument("--repeats", type=int, help="rounds per size (default: by mode and size)")
     parser.add_argument("--conc-sizes", help="comma-separated log2 sizes of the concurrency runs, e.g. 12,15,18")
     parser.add_argument("--no-concurrency", action="store_true")
-    parser.add_argument("--passes", type=int, help="passes of the concurrency phase (sizes up to 2^15)")
+    parser.add_argument("--passes", type=int, help="passes of the concurrency phase (every size)")
+    parser.add_argument("--clients", help="comma-separated client counts of the concurrency phase (default 1,2,4,8)")
     parser.add_argument("--no-plot", action="store_true", help="skip the PNG (no matplotlib needed)")
     parser.add_argument("--out", help="where RESULTS.md, results.json and latency.png go")
     parser.add_argument("--render", metavar="RESULTS_JSON",
@@ -600,7 +603,8 @@ def main(argv=None):
 
     mode_name = "quick" if args.quick else "full"
     opts = MODES[mode_name]
-    custom = bool(args.sizes or args.repeats or args.conc_sizes or args.no_concurrency or args.passes)
+    custom = bool(args.sizes or args.repeats or args.conc_sizes or args.no_concurrency or args.passes
+                  or args.clients)
     if args.sizes:
         sizes = tuple(sorted({int(x) for x in args.sizes.split(",")}))
         if not set(sizes) <= set(SIZES):
@@ -616,7 +620,9 @@ def main(argv=None):
     if args.no_concurrency:
         opts = dataclasses.replace(opts, conc_logs=())
     if args.passes:
-        opts = dataclasses.replace(opts, passes=args.passes)
+        opts = dataclasses.replace(opts, passes=args.passes, big_passes=args.passes)
+    if args.clients:
+        opts = dataclasses.replace(opts, clients=tuple(sorted({int(x) for x in args.clients.split(",")})))
     out_dir = args.out or (BENCH if mode_name == "full" and not custom
                            else os.path.join(OUT, mode_name if not custom else "custom"))
     bb = os.path.abspath(os.environ.get("BB_BINARY") or os.path.join(ROOT, ".bb", "bb"))

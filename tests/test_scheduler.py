@@ -26,6 +26,11 @@ def test_a_lone_request_gets_every_core():
     assert plan(cores=16, cap=16, budget_bytes=1 << 30, running=[], waiting=1, peak_bytes=20 * MiB) == 16
 
 
+def test_a_count_of_waiting_requests_that_misses_this_one_still_counts_it():
+    # e.g. the state directory was removed, this process's waiting file with it
+    assert plan(2, 2, 1 << 30, [], 0, 20 * MiB) == 2
+
+
 def test_a_request_joining_a_lone_proof_that_holds_every_core_waits():
     assert plan(2, 2, 1 << 30, [Running(2, 20 * MiB)], 1, 20 * MiB) == 0
     assert plan(16, 16, 1 << 30, [Running(16, 20 * MiB)], 5, 20 * MiB) == 0
