@@ -4,7 +4,9 @@ VerifyLimit bounds verifications, which never take a proof slot.
 ProofQueue is what app.App holds: admit() counts a proof request as uploading
 while its body arrives (503 when MAX_UPLOADING_REQUESTS are), then as queued until
 it gets a slot (503 when MAX_QUEUED_REQUESTS are): slow uploads never take the
-places complete requests wait in. slot() waits for the scheduler.Scheduler shared
+places complete requests wait in; when the uploading places are full, a newcomer preempts
+the slowest upload older than PREEMPT_GRACE_SECONDS (408 "upload too slow"), so a crowd of
+trickling clients cannot lock complete requests out. slot() waits for the scheduler.Scheduler shared
 by every worker process to start it, with a thread count for bb (503 after
 QUEUE_TIMEOUT_SECONDS). Its slots are lock files, so a killed worker leaks none.
 """
@@ -12,35 +14,60 @@ import logging
 import time
 from contextlib import contextmanager
 
+import gevent
 from gevent.lock import BoundedSemaphore
 
 import observability
-from httperrors import ServiceUnavailable
+from httperrors import RequestTimeout, ServiceUnavailable
 from scheduler import Scheduler, SlotTimeout, reaped_peak_bytes  # noqa: F401 (re-exported)
 
 log = logging.getLogger("bb_worker")
+
+PREEMPT_GRACE_SECONDS = 1.0  # an upload younger than this is never preempted (a burst of fresh ones: 503)
 
 
 class Busy(ServiceUnavailable):
     """503: the queue is full or no proof slot freed up in time (the metrics outcome "busy")."""
 
 
+class UploadTooSlow(RequestTimeout):
+    """408: this upload was the slowest when a new proof request needed its place."""
+
+
+def slowest_upload(tickets, now, grace=PREEMPT_GRACE_SECONDS):
+    """The Ticket with the lowest bytes/s among `tickets` uploading for over `grace` seconds; None if none.
+
+    now: time.monotonic() seconds.
+    """
+    eligible = [t for t in tickets if now - t.started > grace]
+    return min(eligible, key=lambda t: t.rate(now), default=None)
+
+
 class Ticket:
     """One admitted proof request: uploading, then (uploaded()) queued, until leave()."""
 
-    def __init__(self, queue):
+    def __init__(self, queue, greenlet=None):
         self._queue = queue
         self.uploading = True
         self.queued = False
+        self.started = time.monotonic()
+        self.preempted = None  # the UploadTooSlow that ended it (ProofQueue.preempt)
+        self.greenlet = greenlet  # the request's greenlet: a preempted upload is killed in it
+        self.progress = lambda: 0  # bytes of body received so far (App.receive points it at its sink)
+
+    def rate(self, now):
+        """Bytes per second received since admission (float; 0 in its first instant)."""
+        return self.progress() / max(now - self.started, 1e-6)
 
     def uploaded(self):
         """The body is in: count as queued instead of uploading.
 
         Raises Busy (503, Retry-After: 1) when max_queued requests are queued already.
         """
+        if self.preempted is not None:  # its body came in before the kill landed: still ended
+            raise self.preempted
         if self.uploading:
-            self.uploading = False
-            self._queue.uploading -= 1
+            self._queue.stop_uploading(self)
             self._queue.check_queued()
             self.queued = True
             self._queue.queued += 1
@@ -48,8 +75,7 @@ class Ticket:
     def leave(self):
         """Stop counting (got a slot, or the request is over); idempotent."""
         if self.uploading:
-            self.uploading = False
-            self._queue.uploading -= 1
+            self._queue.stop_uploading(self)
         if self.queued:
             self.queued = False
             self._queue.queued -= 1
@@ -70,7 +96,16 @@ class ProofQueue:
         self.max_queued = max_queued
         self.queued = 0  # complete proof requests of this process waiting for a slot
         self.max_uploading = max_uploading
-        self.uploading = 0  # proof requests of this process whose body is still arriving
+        self.uploads = set()  # Tickets of the proof requests of this process whose body is still arriving
+
+    @property
+    def uploading(self):
+        """How many proof requests of this process are uploading (int)."""
+        return len(self.uploads)
+
+    def stop_uploading(self, ticket):
+        ticket.uploading = False
+        self.uploads.discard(ticket)
 
     def check_queued(self):
         """Raise Busy (503, Retry-After: 1) when max_queued requests are queued already."""
@@ -82,17 +117,32 @@ class ProofQueue:
         """Count a proof request as uploading for the `with` body; yields its Ticket.
 
         Raises Busy (503, Retry-After: 1) when the queue is full (the request could not
-        wait once uploaded) or max_uploading requests are uploading already.
+        wait once uploaded), or when max_uploading requests are uploading already and
+        none of them can be preempted (slowest_upload).
         """
         self.check_queued()
         if self.uploading >= self.max_uploading:
-            raise Busy(f"{self.uploading} proof requests already uploading; retry later", retry_after=1)
-        self.uploading += 1
-        ticket = Ticket(self)
+            victim = slowest_upload(self.uploads, time.monotonic())
+            if victim is None:
+                raise Busy(f"{self.uploading} proof requests already uploading; retry later", retry_after=1)
+            self.preempt(victim)
+        ticket = Ticket(self, gevent.getcurrent())
+        self.uploads.add(ticket)
         try:
             yield ticket
         finally:
             ticket.leave()
+
+    def preempt(self, ticket):
+        """Stop counting `ticket`'s upload and end it with 408 "upload too slow" in its greenlet."""
+        elapsed = time.monotonic() - ticket.started
+        received = ticket.progress()
+        self.stop_uploading(ticket)
+        log.warning("preempting a slow upload (%d bytes in %.1f s) for a new proof request", received, elapsed)
+        ticket.preempted = UploadTooSlow(
+            f"upload too slow: {received} bytes in {elapsed:.1f} s; another request took its place")
+        if ticket.greenlet is not None:
+            ticket.greenlet.kill(ticket.preempted, block=False)
 
     @contextmanager
     def slot(self, ticket=None, circuit=None):

@@ -629,7 +629,7 @@ class App:
         try:
             with self.queue.admit() as ticket:
                 try:
-                    self.receive(environ, request_id, name, witness, outdir)
+                    self.receive(environ, request_id, name, witness, outdir, ticket)
                     ticket.uploaded()
                     watcher = connection.watch_hangup(environ.get("gunicorn.socket"), environ.get("SERVER_PROTOCOL"),
                                                       hangup(gevent.getcurrent()))
@@ -718,10 +718,11 @@ class App:
         observability.VERIFICATIONS.labels(name, "valid" if valid else "invalid").inc()
         return json_reply(200, {"valid": valid})
 
-    def receive(self, environ, request_id, name, witness_path, outdir):
+    def receive(self, environ, request_id, name, witness_path, outdir, ticket=None):
         """Stream the body to `witness_path`, checked as gzip then as a witness of circuit `name`.
 
-        Creates `outdir` for bb. Raises the 400/408/413/422/503 HTTPErrors; bb is not started.
+        Creates `outdir` for bb; `ticket` (admission.Ticket) learns the bytes received.
+        Raises the 400/408/413/422/503 HTTPErrors; bb is not started.
         """
         circuit = self.circuits[name].acir
         try:
@@ -731,6 +732,8 @@ class App:
         except OSError as exc:
             log.error("request %s: cannot write to %s: %s", request_id, self.work_dir, exc)
             raise ServiceUnavailable(f"temp dir is not writable: {exc.strerror}") from None
+        if ticket is not None:
+            ticket.progress = lambda: sink.received
         try:
             read_body(environ, sink, self.limits.upload_timeout, self.limits.upload_deadline)
             sink.finish()

@@ -141,3 +141,58 @@ def test_slot_waiters_in_one_process_are_served_first_come_first_served(tmp_path
     waiters.append(gevent.spawn(client, "late", 0))  # arrives as the slot frees: must not overtake
     gevent.joinall(waiters, timeout=10, raise_error=True)
     assert order == ["A", "B", "C", "late"]
+
+
+# ---------------------------------------------------------------- uploading places (issue 12)
+
+def _ticket(queue, age, received, now):
+    ticket = admission.Ticket(queue)
+    ticket.started = now - age
+    ticket.progress = lambda: received
+    return ticket
+
+
+def test_slowest_upload_is_the_lowest_rate_past_the_grace():
+    queue = admission.ProofQueue(None, 1)
+    now = 1000.0
+    fresh = _ticket(queue, 0.5, 0, now)  # slowest of all, but within the grace: never chosen
+    slow = _ticket(queue, 4.0, 40, now)  # 10 B/s
+    slower = _ticket(queue, 2.0, 10, now)  # 5 B/s
+    fast = _ticket(queue, 2.0, 60000, now)
+    assert admission.slowest_upload([fresh, slow, slower, fast], now) is slower
+    assert admission.slowest_upload([fresh, slow, fast], now) is slow
+    assert admission.slowest_upload([fresh], now) is None
+    assert admission.slowest_upload([], now) is None
+
+
+def test_a_newcomer_preempts_the_slowest_upload_else_gets_503():
+    queue = admission.ProofQueue(None, 1, max_queued=4, max_uploading=2)
+    ended = {}
+
+    def upload(name, rate_bytes):
+        try:
+            with queue.admit() as ticket:
+                received = [0]
+                ticket.progress = lambda: received[0]
+                for _ in range(100):
+                    received[0] += rate_bytes
+                    gevent.sleep(0.05)
+                ended[name] = "done"
+        except admission.UploadTooSlow as exc:
+            ended[name] = exc
+
+    slow, fast = gevent.spawn(upload, "slow", 1), gevent.spawn(upload, "fast", 1000)
+    gevent.sleep(0.2)
+    with pytest.raises(admission.Busy):  # both within the grace: a burst of fresh uploads
+        with queue.admit():
+            pass
+    assert queue.uploading == 2
+    gevent.sleep(admission.PREEMPT_GRACE_SECONDS)
+    with queue.admit():
+        gevent.sleep(0.1)
+        assert isinstance(ended.get("slow"), admission.UploadTooSlow) and ended["slow"].code == 408
+        assert "upload too slow" in ended["slow"].message
+        assert "fast" not in ended and queue.uploading == 2
+    fast.kill()
+    slow.join()
+    assert queue.uploading == 0

@@ -238,6 +238,28 @@ def test_slow_uploads_do_not_take_the_places_of_complete_requests(start_server, 
     assert wait_for(lambda: request(srv.port, "POST", "/api/prove", WITNESS)[0] == 200)
 
 
+def test_a_complete_request_preempts_the_slowest_trickler_and_gets_a_proof_that_verifies(start_server, verify):
+    srv = start_server(UPLOAD_DEADLINE_SECONDS=4, UPLOAD_TIMEOUT_SECONDS=2, MAX_UPLOADING_REQUESTS=2)
+    held = []
+    try:
+        for _ in range(2):
+            start_trickler(srv.port, held)
+        time.sleep(1.3)  # past admission.PREEMPT_GRACE_SECONDS, before the 2 s idle timeout
+        status, _, payload = request_json(srv.port, "POST", "/api/prove", WITNESS)
+        assert status == 200 and verify(base64.b64decode(payload["proof"]), payload["publicInputs"])
+        replies = []
+        for sock in held:
+            sock.settimeout(10)
+            code, _, reply = read_reply(sock)
+            replies.append((code, json.loads(reply)["message"]))
+        assert [code for code, _ in replies] == [408, 408]
+        assert sum(message.startswith("upload too slow") for _, message in replies) == 1, replies
+    finally:
+        for sock in held:
+            sock.close()
+    assert wait_for(lambda: srv.leftovers() == [])
+
+
 def test_trickled_headers_and_silent_connections_are_dropped_but_idle_keepalive_is_not(start_server, fake_bb):
     srv = start_server(BB_BINARY=fake_bb, HEADER_TIMEOUT_SECONDS=1)
     head = request_head("/api/health", {"X-Padding": "p" * 100}, method="GET")
