@@ -592,6 +592,7 @@ class App:
 
     def vk(self, environ, request_id, name):
         circuit = self.circuits[name]
+        self.refuse_unless_ready(environ, name)  # a VK that failed is not computed again per call
         try:
             if not circuit.vk_cached():  # computing it runs bb: take a proof slot like a proof
                 with self.queue.slot() as grant:  # no circuit: write_vk's peak is not a proof's
@@ -599,7 +600,7 @@ class App:
             vk, vk_hash = circuit.vk_bytes()
             version = circuit.version()
         except bbrunner.ProverError as exc:
-            raise prover_error(exc)[0] from None
+            raise self.bb_failed(environ, request_id, exc)[0] from None
         reply = json_reply(200, {"vk": base64.b64encode(vk).decode(), "vk_hash": "0x" + vk_hash.hex(),
                                  "bb_version": version, "verifier_target": circuit.verifier_target,
                                  "circuit": None if name == DEFAULT else name})
@@ -617,11 +618,7 @@ class App:
         max_body = self.limits.max_body_bytes
         if length.isdigit() and int(length) > max_body:
             raise PayloadTooLarge(f"request body is {length} bytes; the limit is {max_body}")
-        problems = self.health.circuit_problems(name)
-        if problems:
-            environ["bb_worker.outcome"], environ["bb_worker.fault"] = "not_ready", "server"
-            observability.PROOFS.labels(name, "not_ready").inc()
-            raise ServiceUnavailable(problems[0], retry_after=self.retry_after(problems))
+        self.refuse_unless_ready(environ, name, observability.PROOFS)
         files = uuid.uuid4().hex  # never the request id: clients choose that
         witness = os.path.join(self.work_dir, f"{files}.witness.gz")
         outdir = os.path.join(self.work_dir, f"{files}.out")
@@ -666,6 +663,32 @@ class App:
         return json_reply(200, {"success": True, "proof": base64.b64encode(result.proof).decode(),
                                 "publicInputs": result.public_inputs})
 
+    def refuse_unless_ready(self, environ, name, counter=None):
+        """Raise ServiceUnavailable (503, Retry-After) when readiness says circuit `name` cannot be
+        served now (Health.circuit_problems: bb, VK, CRS, temp dir, breaker), before bb runs.
+
+        counter: the metrics counter (labels circuit, outcome) that counts it as "not_ready".
+        """
+        problems = self.health.circuit_problems(name)
+        if problems:
+            environ["bb_worker.outcome"], environ["bb_worker.fault"] = "not_ready", "server"
+            if counter is not None:
+                counter.labels(name, "not_ready").inc()
+            raise ServiceUnavailable(problems[0], retry_after=self.retry_after(problems))
+
+    def bb_failed(self, environ, request_id, exc):
+        """Classify a bbrunner.ProverError (PROVER_ERRORS) and feed the breaker; return (HTTPError, outcome)."""
+        environ["bb_worker.bb_exit_code"] = exc.returncode
+        error, outcome = prover_error(exc)
+        fault = FAULTS.get(outcome, "server")
+        environ["bb_worker.outcome"], environ["bb_worker.fault"] = outcome, fault
+        if outcome == "rejected":
+            self.health.breaker.success()  # bb and its resources worked: the witness was wrong
+        elif fault == "server" and self.health.breaker.failure(
+                str(exc), trip=isinstance(exc, bbrunner.CrsUnavailable)):
+            log.error("request %s: server-side failures: /api/health answers 503 for a while", request_id)
+        return error, outcome
+
     def retry_after(self, problems):
         """Retry-After seconds (int) for a 503 answered because of `problems` (list of str)."""
         if any(p.startswith("CRS") for p in problems):
@@ -680,6 +703,7 @@ class App:
         length = environ.get("CONTENT_LENGTH") or ""
         if length.isdigit() and int(length) > MAX_VERIFY_BODY_BYTES:
             raise PayloadTooLarge(f"request body is {length} bytes; the limit is {MAX_VERIFY_BODY_BYTES}")
+        self.refuse_unless_ready(environ, name, observability.VERIFICATIONS)
         read_body(environ, sink, self.limits.upload_timeout, self.limits.upload_deadline)
         environ["bb_worker.bytes_in"] = sink.received
         proof, public_inputs = parse_verify_request(sink.data(), environ.get("CONTENT_TYPE", ""),
@@ -707,8 +731,7 @@ class App:
             observability.VERIFICATIONS.labels(name, "busy").inc()
             raise
         except bbrunner.ProverError as exc:
-            environ["bb_worker.bb_exit_code"] = exc.returncode
-            error, outcome = prover_error(exc)
+            error, outcome = self.bb_failed(environ, request_id, exc)
             observability.VERIFICATIONS.labels(name, outcome).inc()
             log.warning("request %s: verify: %s: %s", request_id, type(exc).__name__, exc)
             raise error from None
@@ -762,18 +785,11 @@ class App:
                 result = self.circuits[name].prove(witness, outdir, keep_fds=grant.fds if grant else (),
                                                    threads=grant.threads if grant else None)
         except bbrunner.ProverError as exc:
-            environ["bb_worker.bb_exit_code"] = exc.returncode
-            error, outcome = prover_error(exc)
-            fault = FAULTS.get(outcome, "server")
-            environ["bb_worker.outcome"], environ["bb_worker.fault"] = outcome, fault
+            error, outcome = self.bb_failed(environ, request_id, exc)
             observability.PROOFS.labels(name, outcome).inc()
-            if outcome == "rejected":
-                self.health.breaker.success()  # bb and its resources worked: the witness was wrong
-            elif fault == "server" and self.health.breaker.failure(
-                    str(exc), trip=isinstance(exc, bbrunner.CrsUnavailable)):
-                log.error("request %s: server-side failures: /api/health answers 503 for a while", request_id)
             level = logging.ERROR if isinstance(exc, bbrunner.ProofRejected) else logging.WARNING
-            log.log(level, "request %s: %s (%s fault): %s", request_id, type(exc).__name__, fault, exc)
+            log.log(level, "request %s: %s (%s fault): %s", request_id, type(exc).__name__,
+                    environ["bb_worker.fault"], exc)
             raise error from None
         self.health.breaker.success()
         environ["bb_worker.outcome"] = "success"

@@ -707,8 +707,8 @@ class Circuit:
         proof_path: an UltraHonk proof as `bb prove` writes it (whole 32-byte field
         elements). public_inputs_path: 32-byte big-endian field elements, bb's
         `public_inputs` format. timeout: seconds (default: the BB's). Raises
-        ProverTimeout, ProverUnavailable, or ProverCrashed when bb fails for a reason
-        other than the proof (verify_verdict).
+        ProverTimeout, ProverUnavailable, or a BBExited subclass when bb fails for a
+        reason other than the proof (verify_verdict).
         """
         vk = self.ensure_vk()
         code, _, err = self.bb.run("verify", "-k", vk, "-p", proof_path, "-i", public_inputs_path, timeout=timeout)
@@ -728,8 +728,9 @@ VERIFY_FAULTS = (b"VK size", b"Unable to open file", b"HTTP request failed", b"c
 def verify_verdict(returncode, stderr):
     """True/False for `bb verify`'s exit status and stderr (bytes): accepted or rejected proof.
 
-    Raises ProverCrashed when bb did not judge the proof (a signal, a server-side
-    failure such as the CRS or VK; see VERIFY_REJECTIONS).
+    Raises the BBExited subclass bb_error gives (bbformat.classify: CrsUnavailable for
+    a CRS bb tried to download, ProverCrashed for a signal, ...) when bb did not judge
+    the proof (see VERIFY_REJECTIONS).
     """
     if returncode == 0:
         return True
@@ -738,7 +739,7 @@ def verify_verdict(returncode, stderr):
         return False
     if returncode < 0:
         raise ProverCrashed(returncode, f"bb verify was killed by signal {-returncode}")
-    raise ProverCrashed(returncode, f"bb verify failed: {failure_reason(stderr)}")
+    raise bb_error(returncode, stderr, witness=False, prefix="bb verify failed: ")
 
 
 def read_proof(workdir, returncode=0):

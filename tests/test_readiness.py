@@ -91,6 +91,28 @@ def test_empty_crs_offline_is_503_and_recovers_when_the_crs_arrives(start_server
     assert request(srv.port, "POST", "/api/prove", WITNESS)[0] == 200
 
 
+def test_verify_and_vk_follow_readiness_like_prove(start_server, own_crs, bb, tmp_path):
+    binary = tmp_path / "bb-copy"
+    shutil.copy(bb, binary)
+    srv = start_server(BB_CRS_PATH=own_crs, BB_BINARY=binary)
+    status, _, proof = request_json(srv.port, "POST", "/api/prove", WITNESS)
+    assert status == 200
+    body = json.dumps({"proof": proof["proof"], "publicInputs": proof["publicInputs"]})
+    json_type = {"Content-Type": "application/json"}
+    os.rename(own_crs / G1, own_crs / "away")  # the VK is cached: bb verify would try to download the CRS
+    started = time.monotonic()
+    for method, path, data in (("POST", "/api/verify", body), ("GET", "/api/vk", None)):
+        status, headers, reply = request_json(srv.port, method, path, data, json_type)
+        assert status == 503 and headers["retry-after"] == "30" and reply["message"].startswith("CRS"), reply
+    assert time.monotonic() - started < 3  # refused by readiness: bb never ran
+    os.rename(own_crs / "away", own_crs / G1)
+    assert request_json(srv.port, "POST", "/api/verify", body, json_type)[2] == {"valid": True}
+    os.unlink(binary)
+    for method, path, data in (("POST", "/api/verify", body), ("GET", "/api/vk", None)):
+        status, headers, reply = request_json(srv.port, method, path, data, json_type)
+        assert status == 503 and "retry-after" in headers and "bb is not usable" in reply["message"], reply
+
+
 # ---------------------------------------------------------------- the circuit, the VK, bb's configuration
 
 def test_unreadable_bytecode_is_503_with_the_reason(start_server, tmp_path):
@@ -101,6 +123,9 @@ def test_unreadable_bytecode_is_503_with_the_reason(start_server, tmp_path):
     assert status == 503 and "Invalid gzip data" in body["reasons"][0], body
     status, _, body = request_json(srv.port, "POST", "/api/prove", WITNESS)
     assert status == 503 and "Invalid gzip data" in body["message"]
+    for _ in range(2):  # readiness answers: the failed VK is not computed again per call
+        status, _, body = request_json(srv.port, "GET", "/api/vk")
+        assert status == 503 and "Invalid gzip data" in body["message"], body
 
 
 def test_a_verifier_target_bb_rejects_is_503_naming_it(start_server):
