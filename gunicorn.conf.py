@@ -79,43 +79,81 @@ post_request = connection.post_request
 
 _run_dir = None  # this server's ownership.ServerDir (master)
 _metrics_lock = None  # descriptor holding PROMETHEUS_MULTIPROC_DIR for this server
+_master_pid = None
+
+
+def _bad_configuration(variable, value, exc):
+    """Stop the master with a message naming `variable` for an OSError met while checking it."""
+    sys.exit(f"bb-worker: bad configuration: {variable}={value!r}: {getattr(exc, 'strerror', None) or exc}")
+
+
+def _remove_ours():
+    """Remove this server's run directory and its own metrics directory (master only; idempotent).
+
+    Registered with atexit as well as called from on_exit: gunicorn exits without
+    on_exit when it cannot bind its port or a hook stops it.
+    """
+    if os.getpid() != _master_pid:  # forked workers inherit the atexit registration
+        return
+    import shutil
+
+    if _run_dir is not None:
+        _run_dir.remove()
+    if os.path.basename(os.environ.get("PROMETHEUS_MULTIPROC_DIR", "")).startswith("bb-worker-metrics-"):
+        shutil.rmtree(os.environ["PROMETHEUS_MULTIPROC_DIR"], ignore_errors=True)
 
 
 def on_starting(server):
     """In the master, before any worker: this server's run directory, stale files, metrics.
 
     The VKs are not computed here: workers compute them after the port is open
-    (app.App.start), and /api/health answers 503 "starting" meanwhile.
+    (app.App.start), and /api/health answers 503 "starting" meanwhile. Any OSError
+    met here stops the server with a message naming the variable at fault.
     """
-    global _run_dir, _metrics_lock
+    global _run_dir, _metrics_lock, _master_pid
+    import atexit
     import fcntl
     import glob
     import tempfile
 
     import ownership
 
-    # Files: a private run directory per server, held by a lock its workers inherit;
-    # the directories of servers that are gone (SIGKILLed) are removed, never a live one's.
-    for path in ownership.clean_stale(settings.TMPDIR):
-        server.log.info("removed %s, left by a server that is gone", path)
-    _run_dir = ownership.ServerDir.create(settings.TMPDIR)
-    os.environ[ownership.RUN_DIR_ENV] = _run_dir.path
+    _master_pid = os.getpid()
+    atexit.register(_remove_ours)
     # Metrics: with one worker prometheus_client's in-process registry is exact. With
     # several, its multiprocess mode: each worker writes samples to mmap'ed files that
     # /api/metrics merges. They live in RAM (/dev/shm) in a directory of this server's
     # own, never in TMPDIR: a full TMPDIR would SIGBUS a worker writing an mmap'ed page.
     if settings.PROMETHEUS_MULTIPROC_DIR:  # given: ours alone while we run, emptied at start
-        _metrics_lock = os.open(os.path.join(settings.PROMETHEUS_MULTIPROC_DIR, ".bb-worker.lock"),
-                                os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW, 0o600)
         try:
-            fcntl.flock(_metrics_lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            sys.exit(f"bb-worker: bad configuration: PROMETHEUS_MULTIPROC_DIR={settings.PROMETHEUS_MULTIPROC_DIR!r} "
-                     "is in use by another running server")
-        for path in glob.glob(os.path.join(settings.PROMETHEUS_MULTIPROC_DIR, "*.db")):
-            os.unlink(path)
+            _metrics_lock = os.open(os.path.join(settings.PROMETHEUS_MULTIPROC_DIR, ".bb-worker.lock"),
+                                    os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW, 0o600)
+            try:
+                fcntl.flock(_metrics_lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                sys.exit(f"bb-worker: bad configuration: PROMETHEUS_MULTIPROC_DIR="
+                         f"{settings.PROMETHEUS_MULTIPROC_DIR!r} is in use by another running server")
+            for path in glob.glob(os.path.join(settings.PROMETHEUS_MULTIPROC_DIR, "*.db")):
+                os.unlink(path)
+        except OSError as exc:
+            _bad_configuration("PROMETHEUS_MULTIPROC_DIR", settings.PROMETHEUS_MULTIPROC_DIR, exc)
     elif settings.WEB_CONCURRENCY > 1:
-        os.environ["PROMETHEUS_MULTIPROC_DIR"] = tempfile.mkdtemp(prefix="bb-worker-metrics-", dir=settings.SHM_DIR)
+        try:
+            os.environ["PROMETHEUS_MULTIPROC_DIR"] = tempfile.mkdtemp(prefix="bb-worker-metrics-",
+                                                                      dir=settings.SHM_DIR)
+        except OSError as exc:  # no variable of ours names SHM_DIR: say which one avoids it
+            _bad_configuration("WEB_CONCURRENCY", str(settings.WEB_CONCURRENCY),
+                               f"cannot make a metrics directory in {settings.SHM_DIR or settings.TMPDIR}: "
+                               f"{exc.strerror} (set PROMETHEUS_MULTIPROC_DIR)")
+    # Files: a private run directory per server, held by a lock its workers inherit;
+    # the directories of servers that are gone (SIGKILLed) are removed, never a live one's.
+    try:
+        for path in ownership.clean_stale(settings.TMPDIR):
+            server.log.info("removed %s, left by a server that is gone", path)
+        _run_dir = ownership.ServerDir.create(settings.TMPDIR)
+    except OSError as exc:
+        _bad_configuration("TMPDIR", settings.TMPDIR, exc)
+    os.environ[ownership.RUN_DIR_ENV] = _run_dir.path
 
     import bbrunner
 
@@ -152,9 +190,4 @@ def child_exit(server, worker):
 
 def on_exit(server):
     """Remove this server's run directory and multiprocess metrics files."""
-    import shutil
-
-    if _run_dir is not None:
-        _run_dir.remove()
-    if os.path.basename(os.environ.get("PROMETHEUS_MULTIPROC_DIR", "")).startswith("bb-worker-metrics-"):
-        shutil.rmtree(os.environ["PROMETHEUS_MULTIPROC_DIR"], ignore_errors=True)
+    _remove_ours()

@@ -1,7 +1,9 @@
 """gunicorn.conf.py and settings.py: the file checks out, bad environment values stop the server."""
+import glob
 import json
 import os
 import signal
+import socket
 import subprocess
 import sys
 
@@ -56,7 +58,7 @@ def bad_file(tmp_path):
     ("MAX_QUEUED_REQUESTS", "0"), ("LOG_FORMAT", "xml"), ("PROOF_RESPONSE_FORMAT", "cbor"),
     ("HARDWARE_CONCURRENCY", "abc"), ("HARDWARE_CONCURRENCY", "0"), ("HARDWARE_CONCURRENCY", "-1"),
     ("HARDWARE_CONCURRENCY", "1.5"), ("PROMETHEUS_MULTIPROC_DIR", "/nonexistent"),
-    ("PROMETHEUS_MULTIPROC_DIR", "{bad_file}"),
+    ("PROMETHEUS_MULTIPROC_DIR", "{bad_file}"), ("PROMETHEUS_MULTIPROC_DIR", "/proc"),
 ])
 def test_bad_environment_stops_the_server_naming_the_variable(tmp_path, bad_file, name, value):
     env = env_for(tmp_path, **{name: value.format(bad_file=bad_file)})
@@ -72,6 +74,7 @@ def test_bad_environment_stops_the_server_naming_the_variable(tmp_path, bad_file
     text = output.decode()
     assert f"{name}=" in text, text
     assert "Traceback" not in text, text
+    assert glob.glob(os.path.join(tmp_path, "bb-worker-run-*")) == [], "a failed start left its run directory"
 
 
 CONFIG_DUMP = """\
@@ -121,3 +124,27 @@ def test_a_vk_that_can_be_neither_found_nor_stored_stops_the_server(tmp_path, ba
                           capture_output=True, text=True, timeout=60)
     assert proc.returncode != 0
     assert f"VK_CACHE_DIR={cache!r} is not writable and holds no VK" in proc.stdout + proc.stderr
+
+
+def test_a_port_in_use_stops_the_server_and_leaves_nothing(tmp_path):
+    with socket.socket() as taken:
+        taken.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        taken.bind(("0.0.0.0", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        proc = subprocess.run(GUNICORN, cwd=ROOT, env=env_for(tmp_path, PORT=str(port)),
+                              capture_output=True, text=True, timeout=60)
+    assert proc.returncode != 0
+    assert "Can't connect" in proc.stderr or "in use" in proc.stderr, proc.stderr
+    assert glob.glob(os.path.join(tmp_path, "bb-worker-run-*")) == [], "a failed start left its run directory"
+    assert "Traceback" not in proc.stderr, proc.stderr
+
+
+def test_two_workers_with_an_unusable_metrics_dir_stop_naming_it(tmp_path):
+    proc = subprocess.run(GUNICORN, cwd=ROOT, env=env_for(tmp_path, WEB_CONCURRENCY="2",
+                                                          PROMETHEUS_MULTIPROC_DIR="/proc"),
+                          capture_output=True, text=True, timeout=60)
+    assert proc.returncode != 0
+    assert "bad configuration: PROMETHEUS_MULTIPROC_DIR='/proc'" in proc.stderr, proc.stderr
+    assert "Traceback" not in proc.stderr, proc.stderr
+    assert glob.glob(os.path.join(tmp_path, "bb-worker-run-*")) == []
