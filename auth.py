@@ -30,9 +30,9 @@ def parse_tokens(text):
 class TokenAuth:
     """Which bearer tokens are accepted: `tokens` (iterable of str) plus those in the file at `path`.
 
-    Enabled when either is given; an empty or unreadable file then accepts only
-    `tokens` (it fails closed). The file is re-read when its (inode, size, mtime)
-    changes; if it cannot be read, the last tokens read from it stay in force.
+    Enabled when either is given (settings.py refuses to start with a file that holds
+    no token). The file is re-read when its (inode, size, mtime) changes; if it cannot
+    be read or holds no token, the last tokens read from it stay in force (logged).
     """
 
     def __init__(self, tokens=(), path=None):
@@ -50,9 +50,14 @@ class TokenAuth:
             stamp = (st.st_ino, st.st_size, st.st_mtime_ns)
             if stamp != self._stamp:
                 with open(self.path, encoding="utf-8", errors="surrogateescape") as f:
-                    self._from_file = [_digest(t) for t in parse_tokens(f.read())]
+                    tokens = parse_tokens(f.read())
                 self._stamp = stamp
-                log.info("API_TOKENS_FILE: %d tokens loaded", len(self._from_file))
+                if tokens:
+                    self._from_file = [_digest(t) for t in tokens]
+                    log.info("API_TOKENS_FILE: %d tokens loaded", len(self._from_file))
+                else:  # half-written, or emptied by mistake: refusing every client would be an outage
+                    log.error("API_TOKENS_FILE %s holds no token: keeping the %d tokens read before",
+                              self.path, len(self._from_file))
         except OSError as exc:
             if self._stamp != "error":
                 log.error("API_TOKENS_FILE %s cannot be read (%s): keeping the %d tokens read before",

@@ -165,7 +165,15 @@ FORWARDED_ALLOW_IPS = _networks("FORWARDED_ALLOW_IPS", "127.0.0.1,::1")
 # ---------------------------------------------------------------- clients: tokens, CORS
 # Bearer tokens for /api/prove, /api/verify, /api/vk and /api/metrics (auth.py); none: open.
 API_TOKENS = tuple(t.strip() for t in _raw("API_TOKENS", "").split(",") if t.strip())
+if _raw("API_TOKENS", None) is not None and not API_TOKENS:  # "," would silently turn authentication off
+    raise ConfigError(f"API_TOKENS={_raw('API_TOKENS', '')!r} holds no token (unset it to run without tokens)")
 API_TOKENS_FILE = _readable_file("API_TOKENS_FILE")  # one per line, re-read when it changes
+if API_TOKENS_FILE is not None:
+    import auth as _auth
+
+    with open(API_TOKENS_FILE, encoding="utf-8", errors="surrogateescape") as _f:
+        if not _auth.parse_tokens(_f.read()):
+            raise ConfigError(f"API_TOKENS_FILE={API_TOKENS_FILE!r} holds no token")
 CORS_ALLOW_ORIGINS = _origins("CORS_ALLOW_ORIGINS")  # None, "*" or a set of origins
 
 # ---------------------------------------------------------------- bb and the circuit

@@ -91,21 +91,28 @@ def test_token_file_is_reread_without_a_restart(start_server, tmp_path):
     os.utime(tokens, ns=(time.time_ns(), time.time_ns() + 10**9))
     assert request(srv.port, "GET", "/api/vk", headers=bearer("second-token"))[0] == 200
     assert request(srv.port, "GET", "/api/vk", headers=bearer("first-token"))[0] == 401
-    tokens.write_text("")  # no tokens left: everything protected is refused, health still answers
+    tokens.write_text("# nothing\n")  # no token (half-written, emptied): the last good set stays, logged
     os.utime(tokens, ns=(time.time_ns(), time.time_ns() + 2 * 10**9))
-    assert request(srv.port, "GET", "/api/vk", headers=bearer("second-token"))[0] == 401
+    assert request(srv.port, "GET", "/api/vk", headers=bearer("second-token"))[0] == 200
+    assert request(srv.port, "GET", "/api/vk", headers=bearer("first-token"))[0] == 401
+    assert "holds no token: keeping the 1 tokens read before" in srv.output()
     assert request(srv.port, "GET", "/api/health")[0] == 200
     assert "second-token" not in srv.output()
 
 
 @pytest.mark.parametrize("env, words", [
     ({"API_TOKENS_FILE": "/nonexistent/tokens"}, "API_TOKENS_FILE"),
+    ({"API_TOKENS": ","}, "API_TOKENS=',' holds no token"),
+    ({"API_TOKENS": " , ,"}, "API_TOKENS=', ,' holds no token"),
+    ({"API_TOKENS_FILE": "{empty_tokens}"}, "holds no token"),
     ({"CORS_ALLOW_ORIGINS": "https://app.example/path"}, "CORS_ALLOW_ORIGINS"),
     ({"KEEPALIVE_SECONDS": "0"}, "KEEPALIVE_SECONDS"),
     ({"VERIFY_CONCURRENCY": "0"}, "VERIFY_CONCURRENCY"),
 ])
-def test_bad_settings_stop_the_server(start_server, env, words):
-    srv = start_server(ready=False, **env)
+def test_bad_settings_stop_the_server(start_server, tmp_path, env, words):
+    empty = tmp_path / "no-tokens"
+    empty.write_text("# no token yet\n\n")
+    srv = start_server(ready=False, **{k: v.format(empty_tokens=empty) for k, v in env.items()})
     assert srv.proc.wait(timeout=60) != 0
     assert words in srv.output()
 
