@@ -120,3 +120,19 @@ def test_real_replies_match_the_document(live):
     assert call("GET", "/api/openapi.json")[0] == 200
     documented = {(m.upper(), p) for p, item in load_spec()["paths"].items() for m in item}
     assert documented <= {(m, p) for m, p, _ in seen}, "every documented operation was exercised"
+
+
+def test_a_status_with_several_error_titles_names_each():
+    import inspect
+
+    import httperrors
+
+    titles = {}
+    for _, cls in inspect.getmembers(httperrors, inspect.isclass):
+        if issubclass(cls, httperrors.HTTPError):
+            titles.setdefault(cls.code, set()).add(cls.title)
+    with open(os.path.join(ROOT, "openapi.json")) as f:
+        text = f.read()
+    for code, names in titles.items():
+        if len(names) > 1:  # a client tells them apart by the title alone
+            assert all(name in text for name in names), (code, names)
