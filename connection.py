@@ -207,6 +207,15 @@ class GeventWorker(ggevent.GeventWorker):
         finally:
             self._clients.pop(gevent.getcurrent(), None)
 
+    def handle_quit(self, sig, frame):
+        """SIGINT/SIGQUIT: a quick exit, once. Ctrl-C signals the worker and then the master
+        signals it again; a second sys.exit() in a new greenlet during interpreter shutdown
+        would print "failed with SystemExit" from gevent."""
+        if getattr(self, "_quitting", False):
+            return
+        self._quitting = True
+        super().handle_quit(sig, frame)
+
     def timeout_ctx(self):
         state = self._clients[gevent.getcurrent()]
         idle = self.header_timeout if state[1] == 0 else self.cfg.keepalive

@@ -347,6 +347,15 @@ def test_sigint_is_a_quick_stop_that_leaves_nothing(start_server, fake_bb, tmp_p
     assert not [r for r in os.listdir(srv.tmpdir) if r.startswith("bb-worker-run-")]
 
 
+def test_ctrl_c_on_an_idle_server_exits_quietly(start_server, fake_bb):
+    srv = start_server(BB_BINARY=fake_bb)
+    os.killpg(srv.proc.pid, signal.SIGINT)  # what Ctrl-C on `make run` does: master and workers at once
+    srv.proc.wait(timeout=15)
+    output = srv.output()
+    assert "SystemExit" not in output and "Traceback" not in output, output
+    assert not [r for r in os.listdir(srv.tmpdir) if r.startswith("bb-worker-run-")]
+
+
 def _try(call):
     try:
         return call()
