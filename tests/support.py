@@ -3,6 +3,7 @@
 Standard library only. The tests import it as `support` (pytest puts tests/ on
 sys.path), the benchmark as `tests.support`.
 """
+import contextlib
 import glob
 import http.client
 import json
@@ -324,3 +325,23 @@ class Server:
 
     def __exit__(self, *exc):
         self.stop()
+
+
+@contextlib.contextmanager
+def tmpfs(path, size):
+    """Mount a tmpfs of `size` (mount's syntax: "16k", "4m") at `path` (created) for the `with` body.
+
+    For disk-full tests; needs root: pytest.skip() where it cannot be mounted. Unmounted lazily
+    at the end, so a server still holding a file there cannot keep it mounted.
+    """
+    import pytest
+
+    os.makedirs(path, exist_ok=True)
+    done = subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={size},mode=0700", "tmpfs", str(path)],
+                          capture_output=True)
+    if done.returncode != 0:
+        pytest.skip(f"cannot mount a tmpfs here: {done.stderr.decode().strip()}")
+    try:
+        yield path
+    finally:
+        subprocess.run(["umount", "-l", str(path)], check=False)

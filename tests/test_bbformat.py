@@ -6,6 +6,7 @@ import subprocess
 import pytest
 
 import bbformat
+from support import tmpfs
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 HASHCHAIN = os.path.join(ROOT, "bench", "fixtures")
@@ -129,15 +130,9 @@ def reference_vk_path(bb, crs_dir, tmp_path):
 @pytest.mark.skipif(os.geteuid() != 0, reason="mounting a tiny tmpfs needs root")
 def test_no_space_is_its_own_kind(bb, crs_dir, vks, tmp_path):
     circuit, witness = hashchain(7)
-    mnt = tmp_path / "tiny"
-    mnt.mkdir()
-    if subprocess.run(["mount", "-t", "tmpfs", "-o", "size=16k", "tmpfs", str(mnt)]).returncode:
-        pytest.skip("cannot mount a tmpfs here")
-    try:
+    with tmpfs(tmp_path / "tiny", "16k") as mnt:
         (mnt / "fill").write_bytes(b"\0" * 12 * 1024)
         assert prove_kind(bb, crs_dir, vks[7], tmp_path, circuit, witness, out=str(mnt / "out")) == bbformat.NO_SPACE
-    finally:
-        subprocess.run(["umount", str(mnt)])
 
 
 def test_classify_prefers_a_signal_and_defaults_to_ours():

@@ -17,7 +17,7 @@ import pytest
 
 import bbrunner
 from conftest import CIRCUIT, FIXTURES, expected, write_script
-from support import ROOT, alive
+from support import ROOT, alive, tmpfs
 
 NOISY_STDERR = (b"Scheme is: ultra_honk, num threads: 8 (mem: 5.1 MiB)\n"
                 b"CircuitProve: Proving key computed in 3 ms (mem: 6 MiB)\n"
@@ -631,16 +631,8 @@ def test_a_vk_that_does_not_fit_the_circuit_is_never_cached(tmp_path, vk, vk_has
 @pytest.fixture
 def small_tmpfs(tmp_path):
     """A 16 KiB tmpfs (root only): room for bb's public inputs, not for a 14656-byte proof."""
-    mount = tmp_path / "tmpfs"
-    mount.mkdir()
-    done = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=16k,mode=0700", "tmpfs", str(mount)],
-                          capture_output=True)
-    if done.returncode != 0:
-        pytest.skip(f"cannot mount a tmpfs here: {done.stderr.decode().strip()}")
-    try:
+    with tmpfs(tmp_path / "tmpfs", "16k") as mount:
         yield mount
-    finally:
-        subprocess.run(["umount", "-l", str(mount)], check=True)
 
 
 def test_a_full_disk_while_bb_writes_is_no_space_never_a_proof(bb, crs_dir, tmp_path, small_tmpfs):

@@ -5,14 +5,13 @@ import shutil
 import signal
 import socket
 import statistics
-import subprocess
 import threading
 import time
 
 import pytest
 
 from conftest import fixture_bytes
-from support import alive, bb_processes, pids_in, request, request_json, wait_for
+from support import alive, bb_processes, pids_in, request, request_json, tmpfs, wait_for
 
 WITNESS = fixture_bytes("valid_1.gz")
 
@@ -237,14 +236,9 @@ def test_temp_dir_not_writable_is_503_then_recovers(start_server):
 
 
 def test_temp_dir_full_is_503_then_recovers(start_server, tmp_path):
-    tmpfs = tmp_path / "small"
-    tmpfs.mkdir()
-    if subprocess.run(["mount", "-t", "tmpfs", "-o", "size=4m", "tmpfs", str(tmpfs)],
-                      capture_output=True).returncode != 0:
-        pytest.skip("cannot mount a tmpfs here (needs root)")
-    try:
-        srv = start_server(TMPDIR=tmpfs)
-        filler = tmpfs / "filler"
+    with tmpfs(tmp_path / "small", "4m") as small:
+        srv = start_server(TMPDIR=small)
+        filler = small / "filler"
         with open(filler, "wb") as f:
             try:
                 while True:
@@ -259,8 +253,6 @@ def test_temp_dir_full_is_503_then_recovers(start_server, tmp_path):
         assert request(srv.port, "POST", "/api/prove", WITNESS)[0] == 200
         assert srv.leftovers() == []
         srv.stop()
-    finally:
-        subprocess.run(["umount", "-l", str(tmpfs)], check=False)
 
 
 # ---------------------------------------------------------------- health under load

@@ -9,7 +9,6 @@ import os
 import re
 import shutil
 import struct
-import subprocess
 
 import msgpack
 import pytest
@@ -17,7 +16,7 @@ import pytest
 import bbrunner
 
 from conftest import CIRCUIT, FIXTURES, expected, fixture_bytes
-from support import bb_processes, request, request_json, wait_for
+from support import bb_processes, request, request_json, tmpfs, wait_for
 
 VALID_MAP = msgpack.unpackb(gzip.decompress(fixture_bytes("valid_1.gz"))[1:], strict_map_key=False)[0][0][1]
 
@@ -137,16 +136,8 @@ def small_tmpfs(tmp_path):
 
     (Readiness also wants 1 MiB free: the server answers 503 before bb. bb's own failing write
     and a short proof on a full disk are tested in test_bbrunner.)"""
-    mount = tmp_path / "tmpfs"
-    mount.mkdir()
-    done = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=48k,mode=0700", "tmpfs", str(mount)],
-                          capture_output=True)
-    if done.returncode != 0:
-        pytest.skip(f"cannot mount a tmpfs here: {done.stderr.decode().strip()}")
-    try:
+    with tmpfs(tmp_path / "tmpfs", "48k") as mount:
         yield mount
-    finally:
-        subprocess.run(["umount", "-l", str(mount)], check=True)
 
 
 def test_tmpdir_filling_while_bb_writes_is_503_never_200_nor_422(start_server, bb, tmp_path, small_tmpfs):
