@@ -367,7 +367,8 @@ def concurrency_phase(opts, log, crs, crs_kind, work):
     try:
         for label, extra in POLICIES:
             env = {"CIRCUIT_PATH": size["circuit"], "BB_BINARY": bb, "BB_CRS_PATH": crs,
-                   "QUEUE_TIMEOUT_SECONDS": "900", **extra}  # throughput, not 503s, is compared here
+                   "QUEUE_TIMEOUT_SECONDS": "900",  # throughput, not 503s, is compared here
+                   "VERIFY_PROOFS": "1" if crs_kind == "real" else "0", **extra}  # dev-CRS proofs never verify
             servers[label] = measure.Server(fresh_dir(os.path.join(work, f"server-{label}")), env)
         for label, server in servers.items():
             server.wait_ready()
