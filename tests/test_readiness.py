@@ -379,12 +379,15 @@ def test_prometheus_multiproc_dir_is_emptied_and_owned(start_server, tmp_path):
 
 @pytest.mark.skipif(os.geteuid() != 0 or not shutil.which("unshare"), reason="needs root and unshare")
 def test_dev_shm_present_but_not_writable_stops_the_server(tmp_path):
-    code = ("mount -o remount,ro /dev/shm 2>/dev/null || mount -t tmpfs -o ro tmpfs /dev/shm || exit 77; "
-            "exec python3 -c 'import settings'")
+    # A fresh read-only tmpfs over /dev/shm in a private mount namespace. Never `mount -o remount,ro
+    # /dev/shm`: a remount changes the tmpfs superblock, which the host shares, and leaves the
+    # machine's /dev/shm read-only for every later server (CI failed so).
+    code = "mount -t tmpfs -o ro tmpfs /dev/shm || exit 77; exec python3 -c 'import settings'"
     env = dict(os.environ, TMPDIR=str(tmp_path), PATH=os.path.dirname(os.sys.executable) + ":" + os.environ["PATH"])
     proc = subprocess.run(["unshare", "-m", "--propagation", "private", "sh", "-c", code],
                           cwd=os.path.dirname(CIRCUIT), env=env, capture_output=True, text=True, timeout=60)
     if proc.returncode == 77:
         pytest.skip("cannot remount /dev/shm read-only here")
+    assert os.access("/dev/shm", os.W_OK), "the test left the host's /dev/shm read-only"
     assert proc.returncode != 0
     assert "/dev/shm is present but not writable" in proc.stderr, proc.stderr
