@@ -136,7 +136,7 @@ element of bb's `public_inputs` file, in circuit order.
 def run(argv, timeout, scratch=None, keep_fds=(), memory_limit_mb=None, threads=None):
     """Run `argv` (a list of str, never through a shell); return (returncode, stdout, stderr).
 
-    The child gets no stdin, its own session/process group, child_setup(), and
+    The child gets no stdin, a process group of its own in our session, child_setup(), and
     unlinked temp files in `scratch` (a directory; default: tempfile's) as stdout
     and stderr, returned as bytes (at most the first and last OUTPUT_KEEP_BYTES of
     each). keep_fds: descriptors the child inherits (the proof slot's lock, so the
@@ -156,7 +156,7 @@ def run(argv, timeout, scratch=None, keep_fds=(), memory_limit_mb=None, threads=
     with out, err:
         try:
             proc = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=out, stderr=err,
-                                    start_new_session=True, close_fds=True, pass_fds=tuple(keep_fds),
+                                    process_group=0, close_fds=True, pass_fds=tuple(keep_fds),
                                     preexec_fn=lambda: child_setup(parent, memory_limit_mb),
                                     env=child_env(threads))
         except (OSError, subprocess.SubprocessError) as exc:
@@ -191,7 +191,10 @@ def child_setup(parent_pid, memory_limit_mb=None):
     dies (ownership.die_with_parent), so a killed worker leaves no bb. bb runs at
     nice BB_NICE: the server's own processes come first, so health checks and
     uploads are answered at once while bb saturates the cores; a lone proof loses
-    nothing (no other process wants the CPU). memory_limit_mb (int or None) caps bb's
+    nothing (no other process wants the CPU). run() keeps bb in the server's session:
+    where the kernel groups CPU time by session (sched_autogroup, on when processes
+    share the root cgroup), a session of bb's own would be a group as heavy as the
+    server's, and the nice would count for nothing against it. memory_limit_mb (int or None) caps bb's
     data segment (RLIMIT_DATA: heap and private writable mappings, what bb actually
     fills). RLIMIT_AS would count bb's reserved but unused address space too, which grows
     with its thread count (measured at 2^18 rows: 391 MiB at 2 threads, 1.5 GiB at 32,

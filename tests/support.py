@@ -299,7 +299,7 @@ class Server:
     def stop(self):
         """SIGTERM the server's process group, SIGKILL it after 20 s; always reaps.
 
-        bb runs in a session of its own (bbrunner), outside the server's group: with
+        bb runs in a process group of its own (bbrunner), outside the server's: with
         kill_leftovers, any bb still running under the server is killed once it is gone.
         """
         leftovers = descendants(self.proc.pid) if self.kill_leftovers else []

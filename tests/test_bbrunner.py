@@ -189,11 +189,12 @@ def test_run_returns_code_stdout_stderr_with_no_stdin():
     assert (code, out, err) == (3, b"out\n", b"err\n")
 
 
-def test_run_starts_the_child_in_its_own_session():
-    code, out, _ = bbrunner.run([sys.executable, "-c", "import os; print(os.getsid(0), os.getpid())"], 30)
-    sid, pid = out.split()
-    assert code == 0 and sid == pid
-    assert int(sid) != os.getsid(0)
+def test_run_starts_the_child_in_its_own_process_group_in_our_session():
+    """Its own group: kill_group() reaches all of bb and nothing else. Our session: see child_setup()."""
+    code, out, _ = bbrunner.run([sys.executable, "-c", "import os; print(os.getpgid(0), os.getpid(), os.getsid(0))"], 30)
+    pgid, pid, sid = map(int, out.split())
+    assert code == 0 and pgid == pid != os.getpgid(0)
+    assert sid == os.getsid(0)
 
 
 def test_run_timeout_kills_the_whole_group_including_a_grandchild(tmp_path):
