@@ -377,13 +377,22 @@ def handler_seconds(log_text):
 def closed_loop(port, witness, clients, total, expect_public_inputs, timeout=600.0):
     """`clients` threads send `total` proof requests back to back (closed loop).
 
-    Returns (wall seconds from first send to last answer, list of Reply). A
-    request counts as failed when it is not 200 or its publicInputs differ from
-    `expect_public_inputs`.
+    Returns (wall seconds from first send to last answer, list of Reply, list of
+    steady latencies in seconds). A request counts as failed when it is not 200 or
+    its publicInputs differ from `expect_public_inputs`.
+
+    Steady latencies: those of the successful requests sent after the first answer
+    and answered before the last request was sent, so every client had a request in
+    the server throughout their life (no ramp-up, no drain). By the response-time law
+    of a closed system with no think time, `clients` / their mean is the steady
+    throughput: what a server under sustained load delivers, without the idle cores
+    of a finite batch's first proof and its last ones.
     """
     lock = threading.Lock()
     left = [total]
     replies = []
+    spans = []  # (sent, answered, ok) in perf_counter seconds
+    last_sent = [None]
 
     def client():
         while True:
@@ -391,11 +400,15 @@ def closed_loop(port, witness, clients, total, expect_public_inputs, timeout=600
                 if left[0] == 0:
                     return
                 left[0] -= 1
+                sent = time.perf_counter()
+                if left[0] == 0:
+                    last_sent[0] = sent
             reply = prove(port, witness, timeout)
             if reply.status == 200 and reply.public_inputs != expect_public_inputs:
                 reply = reply._replace(status=0, error=f"unexpected publicInputs {reply.public_inputs}")
             with lock:
                 replies.append(reply)
+                spans.append((sent, time.perf_counter(), reply.status == 200))
 
     threads = [threading.Thread(target=client, name=f"client-{i}", daemon=True) for i in range(clients)]
     started = time.perf_counter()
@@ -403,4 +416,8 @@ def closed_loop(port, witness, clients, total, expect_public_inputs, timeout=600
         t.start()
     for t in threads:
         t.join()
-    return time.perf_counter() - started, replies
+    elapsed = time.perf_counter() - started
+    first_answer = min((done for _, done, _ in spans), default=None)
+    steady = [done - sent for sent, done, ok in spans
+              if ok and first_answer is not None and sent >= first_answer and done <= last_sent[0]]
+    return elapsed, replies, steady

@@ -412,6 +412,8 @@ def concurrency_phase(opts, log, crs, crs_kind, work):
         for clients in one_client + clients_list:
             rec = acc[(label, clients)]
             rec["proofs_per_min"] = rec["ok"] / rec["elapsed"] * 60 if rec["elapsed"] else 0.0
+            steady = rec["steady_latencies"]  # clients / mean latency under sustained load
+            rec["steady_per_min"] = clients / statistics.fmean(steady) * 60 if steady else None
             rec["latency"] = summary(rec["latencies"])
             records.append(rec)
     return {"log": log, "crs": crs_kind, "runs": records, "passes": passes, "per_client": per_client,
@@ -424,7 +426,7 @@ def add(acc, label, clients, batch, discarded=False):
         "limit": label, "clients": clients, "requests": 0, "ok": 0, "failed": {}, "elapsed": 0.0,
         "latencies": [], "peak_rss_bytes": 0, "peak_bb": 0, "rss_samples": 0, "batches": 0, "batch_load": [],
         "waited": 0.0, "batches_discarded": 0, "verified": 0, "threads": {}, "bb_seconds": 0.0,
-        "worker_cpu": 0.0, "bench_cpu": 0.0})
+        "worker_cpu": 0.0, "bench_cpu": 0.0, "steady_latencies": []})
     rec["waited"] += batch["waited"]
     for key, count in batch["failed"].items():  # failures always count
         rec["failed"][key] = rec["failed"].get(key, 0) + count
@@ -435,6 +437,7 @@ def add(acc, label, clients, batch, discarded=False):
     rec["requests"] += len(batch["ok"])
     rec["ok"] += len(batch["ok"])
     rec["latencies"] += batch["ok"]
+    rec["steady_latencies"] += batch["steady"]
     rec["elapsed"] += batch["elapsed"]
     rec["batches"] += 1
     rec["rss_samples"] += batch["samples"]
@@ -454,7 +457,8 @@ def run_batch(opts, server, size, clients, total, vk=None, crs=None, quiet=True)
     Returns a dict: elapsed (s), ok (list of latencies in s), failed ({reason: count}),
     peak_bytes, peak_count, samples, threads ({HARDWARE_CONCURRENCY: bb runs}) from the sampler,
     load (other processes' cores), waited (s), verified (proofs `bb verify` accepted, with `vk`),
-    bb_seconds (the worker's time in Circuit.prove), worker_cpu (CPU seconds of the gunicorn
+    steady (latencies in s of the requests made under sustained load: measure.closed_loop; none
+    when a request failed), bb_seconds (the worker's time in Circuit.prove), worker_cpu (CPU seconds of the gunicorn
     processes, bb excluded), bench_cpu (CPU seconds of this process: clients and samplers).
     """
     waited = measure.wait_quiet(max_wait=opts.max_wait) if quiet else 0.0
@@ -465,8 +469,8 @@ def run_batch(opts, server, size, clients, total, vk=None, crs=None, quiet=True)
     me_before = time.process_time()
     sampler = measure.RSSSampler(opts.bb, server.proc.pid).start()
     try:
-        elapsed, replies = measure.closed_loop(server.port, size["witness"], clients, total,
-                                               size["meta"]["public_inputs"])
+        elapsed, replies, steady = measure.closed_loop(server.port, size["witness"], clients, total,
+                                                       size["meta"]["public_inputs"])
     finally:
         sampler.stop()
     bench_cpu = time.process_time() - me_before
@@ -485,7 +489,7 @@ def run_batch(opts, server, size, clients, total, vk=None, crs=None, quiet=True)
         else:
             key = f"{r.status} {r.error}"[:160]
             failed[key] = failed.get(key, 0) + 1
-    return {"elapsed": elapsed, "ok": ok, "failed": failed,
+    return {"elapsed": elapsed, "ok": ok, "failed": failed, "steady": steady if not failed else [],
             "peak_bytes": sampler.peak_bytes, "peak_count": sampler.peak_count, "samples": sampler.samples,
             "threads": sampler.threads, "load": load, "waited": waited, "verified": verified,
             "bb_seconds": bb_seconds, "worker_cpu": worker_cpu, "bench_cpu": bench_cpu}
