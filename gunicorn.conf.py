@@ -38,7 +38,7 @@ graceful_timeout = int(settings.QUEUE_TIMEOUT_SECONDS + settings.PROVE_TIMEOUT_S
 keepalive = settings.KEEPALIVE_SECONDS  # above load balancers' idle timeouts (settings.py)
 forwarded_allow_ips = settings.FORWARDED_ALLOW_IPS  # whose X-Forwarded-For the access log believes
 # A request line and headers must arrive within HEADER_TIMEOUT_SECONDS once begun (a
-# trickling client is dropped without a reply); the body is app.read_body's.
+# trickling client is dropped without a reply); the body is body.read_body's.
 import connection  # noqa: E402
 
 connection.GeventWorker.header_timeout = settings.HEADER_TIMEOUT_SECONDS

@@ -18,6 +18,7 @@ import pytest
 
 import admission
 import bbrunner
+import body
 import witness
 from conftest import CIRCUIT, fixture_bytes
 
@@ -454,7 +455,7 @@ def test_multi_member_gzip_is_rewritten_as_one_for_bb(app, tmp_path, split):
     """bb reads only the first gzip member (checked with bb 5): it gets the whole checked witness as one."""
     a, b = gzip.compress(b"first" * 100), gzip.compress(b"second" * 100)
     data = a + b
-    sink = app.WitnessSink(str(tmp_path / "w.gz"), 10_000, 10_000)
+    sink = body.WitnessSink(str(tmp_path / "w.gz"), 10_000, 10_000)
     cut = len(a) if split is None else split  # None: the chunk ends exactly at the member boundary
     sink.write(data[:cut])
     sink.write(data[cut:])
@@ -467,7 +468,7 @@ def test_multi_member_gzip_is_rewritten_as_one_for_bb(app, tmp_path, split):
 @pytest.mark.parametrize("split", [1, 10, 100])
 def test_one_member_in_any_chunks_is_kept_whole(app, tmp_path, split):
     data = fixture_bytes("valid_1.gz")
-    sink = app.WitnessSink(str(tmp_path / "w.gz"), 100_000, 100_000)
+    sink = body.WitnessSink(str(tmp_path / "w.gz"), 100_000, 100_000)
     for i in range(0, len(data), split):
         sink.write(data[i:i + split])
     sink.finish()
@@ -476,7 +477,7 @@ def test_one_member_in_any_chunks_is_kept_whole(app, tmp_path, split):
 
 
 def test_garbage_after_a_gzip_member_is_400(app, tmp_path):
-    sink = app.WitnessSink(str(tmp_path / "w.gz"), 10_000, 10_000)
+    sink = body.WitnessSink(str(tmp_path / "w.gz"), 10_000, 10_000)
     with pytest.raises(app.BadRequest, match="not valid gzip"):
         sink.write(gzip.compress(b"x" * 100) + b"garbage!")
     sink.close()
