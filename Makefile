@@ -49,7 +49,7 @@ image-test: setup
 	$(PY) scripts/build_image.py $(foreach arch,$(IMAGE_ARCHES),--arch $(arch)) --dev --tag $(IMAGE_TAG)
 	IMAGE_ARCHES="$(IMAGE_ARCHES)" IMAGE_TAG="$(IMAGE_TAG)" $(PY) -m pytest -p no:cacheprovider -v -s tests/image_engine.py
 
-# Benchmark (bench/README.md): `make bench` is the full run (~40 min; needs Node.js + npm to
+# Benchmark (bench/README.md): `make bench` is the full run (~17 min; needs Node.js + npm to
 # generate the big circuits) and rewrites bench/RESULTS.md; `make bench-quick` (~2 min, committed
 # circuits only, results in bench/out/quick/) is what CI runs. BENCH_ARGS passes options through.
 bench: setup
