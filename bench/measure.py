@@ -416,8 +416,17 @@ def closed_loop(port, witness, clients, total, expect_public_inputs, timeout=600
         t.start()
     for t in threads:
         t.join()
-    elapsed = time.perf_counter() - started
-    first_answer = min((done for _, done, _ in spans), default=None)
-    steady = [done - sent for sent, done, ok in spans
-              if ok and first_answer is not None and sent >= first_answer and done <= last_sent[0]]
-    return elapsed, replies, steady
+    return time.perf_counter() - started, replies, steady_latencies(spans, last_sent[0])
+
+
+def steady_latencies(spans, last_sent):
+    """Latencies (list of seconds) of the requests a closed loop made under sustained load.
+
+    spans: (sent, answered, ok) per request, in one clock's seconds; last_sent: when the
+    batch's last request was sent. Keeps the successful requests sent at or after the
+    first answer and answered at or before `last_sent` (see closed_loop).
+    """
+    if not spans or last_sent is None:
+        return []
+    first_answer = min(done for _, done, _ in spans)
+    return [done - sent for sent, done, ok in spans if ok and sent >= first_answer and done <= last_sent]
