@@ -155,10 +155,10 @@ def run(argv, timeout, scratch=None, keep_fds=(), memory_limit_mb=None, threads=
         raise ProverUnavailable(f"cannot make bb's output files in {scratch}: {exc.strerror}") from None
     with out, err:
         try:
-            proc = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=out, stderr=err,
-                                    process_group=0, close_fds=True, pass_fds=tuple(keep_fds),
-                                    preexec_fn=lambda: child_setup(parent, memory_limit_mb),
-                                    env=child_env(threads))
+            proc = _start(argv, stdin=subprocess.DEVNULL, stdout=out, stderr=err,
+                          process_group=0, close_fds=True, pass_fds=tuple(keep_fds),
+                          preexec_fn=lambda: child_setup(parent, memory_limit_mb),
+                          env=child_env(threads))
         except (OSError, subprocess.SubprocessError) as exc:
             raise ProverUnavailable(f"cannot run {os.path.basename(argv[0])}: "
                                     f"{getattr(exc, 'strerror', None) or exc}") from None
@@ -172,6 +172,22 @@ def run(argv, timeout, scratch=None, keep_fds=(), memory_limit_mb=None, threads=
             raise
         kill_group(proc)  # descendants bb left behind
         return proc.returncode, _read_kept(out), _read_kept(err)
+
+
+def _start(argv, **popen_args):
+    """subprocess.Popen(argv, **popen_args), and the child killed even if the caller is interrupted.
+
+    gevent's Popen waits cooperatively for the child's exec, so an exception raised into
+    the calling greenlet meanwhile (a client hang-up, a gevent Timeout) would leave a bb
+    running that nobody kills. The start runs in a greenlet of its own; when the caller is
+    interrupted, kill_group() runs on the child as soon as it exists.
+    """
+    starter = gevent.spawn(subprocess.Popen, argv, **popen_args)
+    try:
+        return starter.get()
+    except BaseException:
+        starter.link_value(lambda done: kill_group(done.value))  # at once if it already started
+        raise
 
 
 def _read_kept(f):

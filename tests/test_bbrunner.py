@@ -225,6 +225,42 @@ def test_a_gevent_timeout_around_run_kills_the_group_too(tmp_path):
     assert not alive(child) and not alive(grandchild)
 
 
+class Interrupted(Exception):
+    """Raised into a greenlet running bbrunner.run, as app.ClientGone is."""
+
+
+def test_an_interruption_while_bb_is_being_started_still_kills_it(tmp_path, monkeypatch):
+    """gevent's Popen yields while the child is between fork and exec: an exception raised
+    into the caller there (a hang-up's ClientGone) must not leave that child running."""
+    gate_r, gate_w = os.pipe()
+    pidfile = tmp_path / "pid"
+    real_setup = bbrunner.child_setup
+
+    def held_setup(*args):  # in the child, after fork and before exec: say who it is, wait for the test
+        pidfile.write_text(str(os.getpid()))
+        os.read(gate_r, 1)
+        real_setup(*args)
+
+    monkeypatch.setattr(bbrunner, "child_setup", held_setup)
+    runner = gevent.spawn(bbrunner.run, ["sleep", "60"], 120)
+    try:
+        deadline = time.monotonic() + 10
+        while not pidfile.exists() or not pidfile.read_text():
+            assert time.monotonic() < deadline, "the child never forked"
+            gevent.sleep(0.02)
+        pid = int(pidfile.read_text())
+        assert not runner.ready()  # inside Popen, waiting for the exec
+        runner.kill(Interrupted, block=True)
+        assert isinstance(runner.exception, Interrupted)
+    finally:
+        os.write(gate_w, b"x")  # the child goes on to exec sleep 60
+        os.close(gate_w)
+        os.close(gate_r)
+    while alive(pid) and time.monotonic() < deadline:
+        gevent.sleep(0.02)
+    assert not alive(pid), "the child started after the interruption outlived it"
+
+
 def test_run_of_a_missing_program_is_unavailable(tmp_path):
     with pytest.raises(bbrunner.ProverUnavailable, match="cannot run missing-bb"):
         bbrunner.run([str(tmp_path / "missing-bb"), "--version"], 5)
