@@ -38,9 +38,6 @@ import bbformat
 import ownership
 import witness
 
-# bb prints this (and exits 0) when a witness does not satisfy the circuit's
-# constraints; the proof it still writes would not verify.
-UNSATISFIED_MARKER = bbformat.UNSATISFIED.decode()
 FIELD_BYTES = 32  # BN254 scalar field element, big-endian, in bb's public_inputs file
 KILL_WAIT_SECONDS = 5.0
 BB_NICE = 10  # bb's CPU priority below the server's (os.nice increment, 0..19)
@@ -632,8 +629,8 @@ class Circuit:
             problem = f"vk_hash is {len(vk_hash)} bytes, not {FIELD_BYTES}"
         elif len(vk) % FIELD_BYTES or len(vk) < 3 * FIELD_BYTES:
             problem = f"vk is {len(vk)} bytes, not a whole number of fields"
-        elif not 1 <= vk_log_size(vk) <= bbformat.MAX_LOG_CIRCUIT_SIZE:
-            problem = f"vk states a circuit of 2^{vk_log_size(vk)} rows"
+        elif (size_error := _log_size_error(vk)):
+            problem = size_error
         elif self.acir and vk_public_inputs(vk) != self.acir.public_inputs + PAIRING_POINT_FIELDS and \
                 not self._rollup():
             problem = (f"vk counts {vk_public_inputs(vk)} public inputs; the circuit has {self.acir.public_inputs} "
@@ -713,7 +710,7 @@ class Circuit:
         if len(proof.public_inputs) != wanted and not self._rollup():
             raise ProverCrashed(0, f"bb wrote {len(proof.public_inputs)} public inputs; the VK says {wanted}")
         fixed, per_log_size = PROOF_FIELDS.get(self.bb.verifier_target, (None, None))
-        size = FIELD_BYTES * (fixed + per_log_size * vk_log_size(vk)) if fixed else None
+        size = FIELD_BYTES * (fixed + per_log_size * bbformat.vk_log_circuit_size(vk)) if fixed else None
         if not proof.proof or len(proof.proof) % FIELD_BYTES or (size and len(proof.proof) != size):
             expected = f"{size}" if size else "a whole number of 32-byte fields"
             raise ProverCrashed(0, f"bb wrote a proof of {len(proof.proof)} bytes; this VK's proofs are {expected}")
@@ -756,8 +753,6 @@ def verify_verdict(returncode, stderr):
     if returncode == 1 and any(m in stderr for m in VERIFY_REJECTIONS) and \
             not any(m in stderr for m in VERIFY_FAULTS):
         return False
-    if returncode < 0:
-        raise ProverCrashed(returncode, f"bb verify was killed by signal {-returncode}")
     raise bb_error(returncode, stderr, witness=False, prefix="bb verify failed: ")
 
 
@@ -773,9 +768,13 @@ def read_proof(workdir, returncode=0):
     return Proof(proof, public_inputs)
 
 
-def vk_log_size(vk):
-    """k for a circuit of dyadic size 2^k: the first 32-byte big-endian field of bb 5's binary VK (bytes)."""
-    return int.from_bytes(vk[:FIELD_BYTES], "big")
+def _log_size_error(vk):
+    """Why bbformat.vk_log_circuit_size rejects `vk` (str), or None when it states a plausible size."""
+    try:
+        bbformat.vk_log_circuit_size(vk)
+    except ValueError as exc:
+        return str(exc)
+    return None
 
 
 def vk_public_inputs(vk):
