@@ -16,8 +16,6 @@ pipe open cannot hold a finished run. Failures are raised as ProverError
 subclasses, told apart by bb's messages (bbformat.classify): the witness's fault
 (ProverFailed) or ours (ServerFault and its subclasses, ProverCrashed).
 """
-import errno
-import fcntl
 import hashlib
 import logging
 import os
@@ -538,7 +536,10 @@ class Circuit:
                                  "(set VK_CACHE_DIR to a writable directory, or bake the VK in)")
                 raise ProverUnavailable(self.vk_error) from None
             try:
-                _flock(lock, time.monotonic() + self.bb.timeout)
+                try:
+                    ownership.flock_polled(lock, time.monotonic() + self.bb.timeout)
+                except TimeoutError:
+                    raise ProverTimeout("timed out waiting for another process to write the VK") from None
                 if not self._vk_complete(target):
                     self._write_vk(target, threads)
             except ProverError as exc:
@@ -780,17 +781,3 @@ def _log_size_error(vk):
 def vk_public_inputs(vk):
     """The number of public inputs a bb 5 binary VK (bytes) counts: its second field."""
     return int.from_bytes(vk[FIELD_BYTES:2 * FIELD_BYTES], "big")
-
-
-def _flock(fd, deadline):
-    """Take an exclusive flock on `fd`, polling so a gevent worker is not blocked."""
-    while True:
-        try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-            return
-        except OSError as exc:
-            if exc.errno not in (errno.EAGAIN, errno.EACCES):
-                raise
-        if time.monotonic() > deadline:
-            raise ProverTimeout("timed out waiting for another process to write the VK")
-        gevent.sleep(0.05)

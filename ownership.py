@@ -26,6 +26,8 @@ import stat
 import tempfile
 import time
 
+import gevent
+
 RUN_PREFIX = "bb-worker-run-"
 RUN_DIR_ENV = "BB_WORKER_RUN_DIR"  # gunicorn.conf.py names the server's run directory here for its workers
 OWNER_LOCK = "owner.lock"
@@ -107,6 +109,25 @@ def lock_path(path, blocking=False):
         if now is not None and (now.st_dev, now.st_ino) == (held.st_dev, held.st_ino):
             return fd
         os.close(fd)  # we locked a file that is no longer at `path`: try the one that is
+
+
+def flock_polled(fd, deadline=None, poll=0.05):
+    """Take an exclusive flock on `fd`, polling (gevent.sleep(`poll` seconds) between tries) so
+    a gevent worker keeps serving while another process holds it.
+
+    deadline: a time.monotonic() value after which TimeoutError is raised (None: no limit).
+    Raises OSError for a failure other than the lock being held.
+    """
+    while True:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            return
+        except OSError as exc:
+            if exc.errno not in (errno.EAGAIN, errno.EACCES):
+                raise
+        if deadline is not None and time.monotonic() > deadline:
+            raise TimeoutError("the lock stayed held by another process")
+        gevent.sleep(poll)
 
 
 class HeldSlot:

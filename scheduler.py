@@ -25,7 +25,6 @@ its threads and peak bytes there; each process keeps its count of waiting reques
 `peak-<key>`; `state.lock` serialises decisions. The kernel drops a dead process's
 locks, so a killed worker leaks neither a slot nor a waiter.
 """
-import errno
 import fcntl
 import os
 import resource
@@ -33,7 +32,6 @@ import time
 from collections import deque, namedtuple
 from contextlib import contextmanager
 
-import gevent
 from gevent.event import Event
 
 import ownership
@@ -294,14 +292,8 @@ class _FileLock:
     def __enter__(self):
         self.fd = os.open(self.path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
         try:
-            while True:
-                try:
-                    fcntl.flock(self.fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-                    return self
-                except OSError as exc:
-                    if exc.errno not in (errno.EAGAIN, errno.EACCES):
-                        raise
-                gevent.sleep(0.001)  # held for microseconds by another process's decision
+            ownership.flock_polled(self.fd, poll=0.001)  # held for microseconds by another process's decision
+            return self
         except BaseException:  # an error, or a gevent kill (ClientGone) while waiting: no fd leaks
             os.close(self.fd)
             raise
