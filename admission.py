@@ -12,7 +12,7 @@ QUEUE_TIMEOUT_SECONDS). Its slots are lock files, so a killed worker leaks none.
 """
 import logging
 import time
-from contextlib import contextmanager
+from contextlib import contextmanager, nullcontext
 
 import gevent
 from gevent.lock import BoundedSemaphore
@@ -149,7 +149,7 @@ class ProofQueue:
         """Hold a proof slot for the `with` body, which runs one bb; yields a scheduler.Grant
         (bb's thread count, and the slot's lock descriptors for bb to inherit).
 
-        circuit: a key for the circuit bb runs (its sha256), whose peak RSS the scheduler
+        circuit: a key for the circuit bb runs (bbrunner.Circuit.key()), whose peak RSS the scheduler
         learns from this run (None: unknown, runs alone). With a `ticket` (a proof request)
         the wait is measured (queued gauge, queue seconds) and the ticket leaves the queue
         once the slot is held. Raises Busy after `timeout` seconds, ServiceUnavailable if
@@ -157,11 +157,8 @@ class ProofQueue:
         """
         waited = time.monotonic()
         try:
-            if ticket is None:
+            with observability.QUEUED.track_inprogress() if ticket is not None else nullcontext():
                 token = self.slots.take(self.timeout, circuit)
-            else:
-                with observability.QUEUED.track_inprogress():
-                    token = self.slots.take(self.timeout, circuit)
         except SlotTimeout:
             raise Busy(f"all proof slots busy for {self.timeout:g} s; retry later",
                        retry_after=self.timeout) from None
