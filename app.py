@@ -45,7 +45,8 @@ import settings
 import witness
 from admission import Busy, ProofQueue, Scheduler, VerifyLimit
 from auth import TokenAuth
-from body import MAX_VERIFY_BODY_BYTES, MemorySink, WitnessSink, has_body, parse_verify_request, read_body
+from body import (MAX_VERIFY_BODY_BYTES, MemorySink, WitnessSink, has_body, parse_verify_request, read_body,
+                  refuse_oversized)
 from cors import CorsPolicy
 from health import Health
 from httperrors import (BadRequest, HTTPError, MethodNotAllowed, NotFound, PayloadTooLarge, ProofFailed,
@@ -337,14 +338,22 @@ class App:
                 return
             for name, circuit in missing:
                 try:
-                    with self.queue.slot() as grant:
-                        circuit.ensure_vk(grant.threads)
+                    self.compute_vk(circuit)
                     log.info("circuit %s: VK ready (bb %s)", name, circuit.version())
                 except (bbrunner.ProverError, ServiceUnavailable) as exc:
                     log.error("circuit %s: the verification key could not be computed: %s", name,
                               getattr(exc, "message", exc))
             gevent.sleep(delay)
             delay = min(delay * 2, WARM_UP_MAX_DELAY_SECONDS)
+
+    def compute_vk(self, circuit):
+        """circuit.ensure_vk() on a proof slot: `bb write_vk` runs bb like a proof does.
+
+        The slot names no circuit, so write_vk's peak RSS is not taken for a proof's.
+        Raises what ProofQueue.slot() and Circuit.ensure_vk() raise.
+        """
+        with self.queue.slot() as grant:
+            circuit.ensure_vk(grant.threads)
 
     # -- GET /api/health[/<circuit>], GET /api/live
 
@@ -383,9 +392,8 @@ class App:
         circuit = self.circuits[name]
         self.refuse_unless_ready(environ, name)  # a VK that failed is not computed again per call
         try:
-            if not circuit.vk_cached():  # computing it runs bb: take a proof slot like a proof
-                with self.queue.slot() as grant:  # no circuit: write_vk's peak is not a proof's
-                    circuit.ensure_vk(grant.threads)
+            if not circuit.vk_cached():
+                self.compute_vk(circuit)
             vk, vk_hash = circuit.vk_bytes()
             version = circuit.version()
         except bbrunner.ProverError as exc:
@@ -403,10 +411,7 @@ class App:
 
     def prove(self, environ, request_id, name):
         """Admit, receive the body, wait for a slot, run bb; the steps of README's "How a request flows"."""
-        length = environ.get("CONTENT_LENGTH") or ""
-        max_body = self.limits.max_body_bytes
-        if length.isdigit() and int(length) > max_body:
-            raise PayloadTooLarge(f"request body is {length} bytes; the limit is {max_body}")
+        refuse_oversized(environ, self.limits.max_body_bytes)
         self.refuse_unless_ready(environ, name, observability.PROOFS)
         files = uuid.uuid4().hex  # never the request id: clients choose that
         witness = os.path.join(self.work_dir, f"{files}.witness.gz")
@@ -489,9 +494,7 @@ class App:
     def verify(self, environ, request_id, name):
         """bb verify a proof with circuit `name`'s VK: {"valid": bool}. Never takes a proof slot."""
         sink = MemorySink(MAX_VERIFY_BODY_BYTES)
-        length = environ.get("CONTENT_LENGTH") or ""
-        if length.isdigit() and int(length) > MAX_VERIFY_BODY_BYTES:
-            raise PayloadTooLarge(f"request body is {length} bytes; the limit is {MAX_VERIFY_BODY_BYTES}")
+        refuse_oversized(environ, MAX_VERIFY_BODY_BYTES)
         self.refuse_unless_ready(environ, name, observability.VERIFICATIONS)
         read_body(environ, sink, self.limits.upload_timeout, self.limits.upload_deadline)
         environ["bb_worker.bytes_in"] = sink.received
@@ -502,8 +505,7 @@ class App:
         try:
             with self.verify_limit.slot():
                 if not circuit.vk_cached():  # only after the cache was cleaned: computed at start
-                    with self.queue.slot() as grant:
-                        circuit.ensure_vk(grant.threads)
+                    self.compute_vk(circuit)
                 try:
                     ownership.private_dir(self.work_dir)
                     os.mkdir(workdir, 0o700)

@@ -232,6 +232,14 @@ def read_body(environ, sink, idle_timeout, deadline):
     environ["bb_worker.body_read"] = True
 
 
+def refuse_oversized(environ, max_body):
+    """Raise PayloadTooLarge (413) when the request's Content-Length announces more than
+    `max_body` bytes: answered before any of the body is read (or a 100 Continue sent)."""
+    length = environ.get("CONTENT_LENGTH") or ""
+    if length.isdigit() and int(length) > max_body:
+        raise PayloadTooLarge(f"request body is {length} bytes; the limit is {max_body}")
+
+
 def has_body(environ):
     """True when the request announced a body (a Content-Length above 0, or chunked)."""
     return environ.get("CONTENT_LENGTH", "") not in ("", "0") or "HTTP_TRANSFER_ENCODING" in environ
