@@ -20,7 +20,7 @@ from collections import namedtuple
 G1_FILE = "bn254_g1.dat"
 G2_FILE = "bn254_g2.dat"
 G1_POINT_BYTES = 64
-FIELD_BYTES = 32
+FIELD_BYTES = 32  # a BN254 field element, big-endian: VK, proof and public_inputs files, witness values
 MAX_LOG_CIRCUIT_SIZE = 28  # bb 5 proves circuits up to 2^28 rows
 
 # ---------------------------------------------------------------- CRS and VK

@@ -36,7 +36,7 @@ import bbformat
 import ownership
 import witness
 
-FIELD_BYTES = 32  # BN254 scalar field element, big-endian, in bb's public_inputs file
+FIELD_BYTES = bbformat.FIELD_BYTES  # BN254 scalar field element, big-endian, in bb's public_inputs file
 KILL_WAIT_SECONDS = 5.0
 BB_NICE = 10  # bb's CPU priority below the server's (os.nice increment, 0..19)
 VERSION_TIMEOUT_SECONDS = 30.0

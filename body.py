@@ -16,7 +16,6 @@ import zlib
 import gevent
 from gunicorn.http.errors import ParseException
 
-import bbrunner
 import connection
 import witness
 from httperrors import BadRequest, PayloadTooLarge, RequestTimeout
@@ -125,8 +124,7 @@ class MemorySink:
 
 # ---------------------------------------------------------------- proofs to verify
 
-FIELD_BYTES = bbrunner.FIELD_BYTES
-BN254_SCALAR_MODULUS = 21888242871839275222246405745257275088548364400416034343698204186575808495617
+FIELD_BYTES = witness.FIELD_BYTES
 MAX_VERIFY_BODY_BYTES = 1024 * 1024  # an UltraHonk proof is 14,656 bytes (bb 5.0.0), ~20 KB as base64 JSON
 
 
@@ -140,7 +138,7 @@ def field_bytes(text):
     if len(digits) > 2 + 2 * FIELD_BYTES:
         raise BadRequest(f"public input {text[:80]!r} is longer than 32 bytes")
     value = int(digits[2:], 16)
-    if value >= BN254_SCALAR_MODULUS:
+    if value >= witness.FIELD_MODULUS:
         raise BadRequest(f"public input {text[:80]!r} is not a BN254 field element (>= the modulus)")
     return value.to_bytes(FIELD_BYTES, "big")
 

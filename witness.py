@@ -21,9 +21,11 @@ import json
 
 import msgpack
 
+import bbformat
+
 FORMAT_MSGPACK_COMPACT = 3  # the witness and bytecode format byte Noir 1.0.0-beta.26 writes
 FORMAT_NAMES = {0: "bincode", 1: "protobuf or bincode", 2: "msgpack with named fields", 3: "msgpack-compact"}
-FIELD_BYTES = 32
+FIELD_BYTES = bbformat.FIELD_BYTES
 STACK_HEAD = b"\x03\x91\x91\x92"  # format byte, then [[[ (a stack of one [function_index, map])
 # The BN254 scalar field modulus, big-endian: witness values are field elements below it.
 FIELD_MODULUS = 0x30644E72E131A029B85045B68181585D2833E84879B9709143E1F593F0000001
