@@ -342,11 +342,13 @@ def test_bb_runs_below_the_server_priority():
 @pytest.mark.skipif(not os.path.exists("/proc/self/autogroup"), reason="kernel without sched_autogroup")
 def test_bb_shares_the_server_cpu_group_so_its_nice_counts():
     """With sched_autogroup each session is a CPU group of equal weight: bb in a session of
-    its own got as much CPU as the whole server, nice or not (health p99 7.5 -> 6.7 ms at 2^18)."""
+    its own got as much CPU as the whole server, nice or not (health p99 7.5 -> 6.7 ms at 2^18).
+    A server in PID 1's session (never setsid since boot, as in many containers and CI runners)
+    is in the kernel's default group, whose file reads empty: then bb's must read empty too."""
     code, out, _ = bbrunner.run(["cat", "/proc/self/autogroup"], 30)
     assert code == 0
     with open("/proc/self/autogroup") as f:
-        assert out.decode().split()[0] == f.read().split()[0]
+        assert out.decode() == f.read()
 
 
 # ---------------------------------------------------------------- TLS (gunicorn terminating it)
