@@ -140,14 +140,14 @@ def run(argv, timeout, scratch=None, keep_fds=(), memory_limit_mb=None, threads=
     core). When it exits, and on timeout (seconds) or any
     exception (a gevent Timeout or kill included), the whole group gets SIGKILL, so
     no descendant outlives the run. Raises ProverUnavailable if the program cannot
-    start or the temp files cannot be made, ProverTimeout on expiry.
+    start, ResourceUnavailable if the temp files cannot be made, ProverTimeout on expiry.
     """
     parent = os.getpid()
     try:
         out = tempfile.TemporaryFile(dir=scratch)
         err = tempfile.TemporaryFile(dir=scratch)
     except OSError as exc:
-        raise ProverUnavailable(f"cannot make bb's output files in {scratch}: {exc.strerror}") from None
+        raise ResourceUnavailable(None, f"cannot make bb's output files in {scratch}: {exc.strerror}") from None
     with out, err:
         try:
             proc = _start(argv, stdin=subprocess.DEVNULL, stdout=out, stderr=err,
@@ -300,6 +300,23 @@ def bb_error(returncode, stderr, hide=(), witness=True, prefix=""):
     if cls is ProverFailed and not witness:
         cls = ServerFault
     return cls(returncode, prefix + reason)
+
+
+def on_full_disk(error, path):
+    """`error` (a BBExited), or a ResourceUnavailable in its place when `path`'s file system has
+    less than LOW_SPACE_BYTES free: bb does not check every write, so a full disk shows as
+    anything from a short proof to exit 1 with nothing on stderr. The witness's own fault
+    (ProverFailed: bb named it) and out-of-memory are kept as they are.
+    """
+    if isinstance(error, (ProverFailed, ProverOutOfMemory, ResourceUnavailable)):
+        return error
+    try:
+        full = shutil.disk_usage(path).free < LOW_SPACE_BYTES
+    except OSError:
+        return error
+    if not full:
+        return error
+    return ResourceUnavailable(error.returncode, f"{error.reason}, and its file system is full")
 
 
 def parse_public_inputs(data):
@@ -596,17 +613,20 @@ class Circuit:
                 f.write(self.program)
             os.chmod(program, 0o644)
             code, _, err = self.bb.run("write_vk", "-b", program, "-o", tmp, scratch=tmp, threads=threads)
-            if code != 0:
-                target_flag = f" -t {self.verifier_target}" if self.verifier_target else ""
-                raise bb_error(code, err, (tmp, self.path), witness=False,
-                               prefix=f"bb write_vk{target_flag} failed: ")
-            if not os.path.exists(os.path.join(tmp, "vk")):
-                raise ProverCrashed(code, "bb write_vk failed: it exited 0 without writing the vk")
-            self.check_vk(tmp)
+            try:
+                if code != 0:
+                    target_flag = f" -t {self.verifier_target}" if self.verifier_target else ""
+                    raise bb_error(code, err, (tmp, self.path), witness=False,
+                                   prefix=f"bb write_vk{target_flag} failed: ")
+                if not os.path.exists(os.path.join(tmp, "vk")):
+                    raise ProverCrashed(code, "bb write_vk failed: it exited 0 without writing the vk")
+                self.check_vk(tmp)
+            except BBExited as exc:
+                raise on_full_disk(exc, tmp) from None
             shutil.rmtree(target, ignore_errors=True)  # a partial one, e.g. `vk` removed by a cleaner
             os.replace(tmp, target)
         except OSError as exc:
-            raise ProverUnavailable(f"cannot write the verification key: {exc.strerror}") from None
+            raise ResourceUnavailable(None, f"cannot write the verification key: {exc.strerror}") from None
         finally:
             if tmp is not None:
                 shutil.rmtree(tmp, ignore_errors=True)
@@ -690,15 +710,13 @@ class Circuit:
         program = os.path.join(os.path.dirname(vk), CIRCUIT_FILE)
         code, _, err = self.bb.run("prove", "-b", program, "-w", witness_path, "-k", vk, "-o", workdir,
                                    scratch=workdir, keep_fds=keep_fds, threads=threads)
-        if code != 0 or bbformat.UNSATISFIED in err:
-            raise bb_error(code, err, (workdir, witness_path, program, vk, self.bb.crs_dir or ""))
         try:
             proof = read_proof(workdir, code)
             self.check_proof(proof)
-        except ProverCrashed as exc:
-            if shutil.disk_usage(workdir).free < LOW_SPACE_BYTES:  # bb does not check every write
-                raise ResourceUnavailable(code, f"{exc.reason}, and its file system is full") from None
-            raise
+        except BBExited as exc:
+            raise on_full_disk(exc, workdir) from None
+            if code != 0 or bbformat.UNSATISFIED in err:
+                raise bb_error(code, err, (workdir, witness_path, program, vk, self.bb.crs_dir or ""))
         if self.verify_proofs and not self.verify(os.path.join(workdir, "proof"),
                                                   os.path.join(workdir, "public_inputs")):
             raise ProofRejected(code, "proof failed verification: bb verify rejects the proof bb prove wrote")

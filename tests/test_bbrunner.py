@@ -691,3 +691,44 @@ def test_a_short_proof_on_a_full_disk_is_no_space(fake_bb, tmp_path, small_tmpfs
     prover = bbrunner.Circuit(bbrunner.BB(fake_bb), CIRCUIT, str(tmp_path / "vk-cache"))
     with pytest.raises(bbrunner.ResourceUnavailable, match="proof of 4096 bytes.*file system is full"):
         prover.prove(os.path.join(FIXTURES, "valid_1.gz"), str(out))
+
+
+@pytest.mark.parametrize("mode", ["silent", "unknown", "nooutput", "segv"])
+def test_any_failure_of_bb_on_a_full_disk_is_no_space(fake_bb, tmp_path, monkeypatch, mode):
+    """bb 5 on a disk that fills as it runs may exit 1 with nothing on stderr (its stderr file is
+    on that disk too): with the disk full, every failure not the witness's is 503's kind, not 500's."""
+    monkeypatch.setenv("FAKE_BB_MODE", mode)
+    prover = bbrunner.Circuit(bbrunner.BB(fake_bb), CIRCUIT, str(tmp_path / "vk-cache"))
+    with tmpfs(tmp_path / "disk", "2m") as disk:
+        out = disk / "out"
+        out.mkdir()
+        with pytest.raises(bbrunner.ProverError) as roomy:
+            prover.prove(os.path.join(FIXTURES, "valid_1.gz"), str(out))
+        assert not isinstance(roomy.value, bbrunner.ResourceUnavailable)  # ours (500) while there is room
+        (disk / "filler").write_bytes(b"x" * (2 << 20))
+        with pytest.raises(bbrunner.ResourceUnavailable, match="file system is full"):
+            prover.prove(os.path.join(FIXTURES, "valid_1.gz"), str(out))
+
+
+def test_a_witness_bb_rejects_stays_its_fault_on_a_full_disk(fake_bb, tmp_path, small_tmpfs, monkeypatch):
+    monkeypatch.setenv("FAKE_BB_MODE", "fail")
+    prover = bbrunner.Circuit(bbrunner.BB(fake_bb), CIRCUIT, str(tmp_path / "vk-cache"))
+    out = small_tmpfs / "out"
+    out.mkdir()
+    (small_tmpfs / "filler").write_bytes(b"x" * 12288)  # bb's message still fits
+    with pytest.raises(bbrunner.ProverFailed):
+        prover.prove(os.path.join(FIXTURES, "valid_1.gz"), str(out))
+
+
+def test_a_verification_key_cache_on_a_full_disk_is_no_space(fake_bb, small_tmpfs):
+    (small_tmpfs / "vk-cache").mkdir()
+    (small_tmpfs / "filler").write_bytes(b"x" * 16384)
+    prover = bbrunner.Circuit(bbrunner.BB(fake_bb), CIRCUIT, str(small_tmpfs / "vk-cache"))
+    with pytest.raises(bbrunner.ResourceUnavailable, match="No space left on device|file system is full"):
+        prover.ensure_vk()
+    assert sorted(os.listdir(small_tmpfs / "vk-cache")) == [".lock"]
+
+
+def test_output_files_that_cannot_be_made_are_a_resource_fault(tmp_path):
+    with pytest.raises(bbrunner.ResourceUnavailable, match="cannot make bb's output files"):
+        bbrunner.run(["true"], 5, scratch=str(tmp_path / "missing"))
