@@ -32,6 +32,7 @@ import uuid
 from collections import namedtuple
 
 import atexit
+import contextlib
 import functools
 
 import gevent
@@ -50,8 +51,8 @@ from body import (MAX_VERIFY_BODY_BYTES, MemorySink, WitnessSink, has_body, pars
 from cors import CorsPolicy
 from health import Health
 from httperrors import (BadRequest, HTTPError, MethodNotAllowed, NotFound, PayloadTooLarge, ProofFailed,
-                        ProofTimeout, ProofUnverified, ServiceUnavailable, Unauthorized,
-                        status_line)
+                        ProofTimeout, ProofUnverified, RequestTimeout, ServiceUnavailable, Unauthorized,
+                        VerifyTimeout, status_line)
 
 log = logging.getLogger("bb_worker")
 access_log = logging.getLogger("bb_worker.access")
@@ -88,6 +89,41 @@ PROVER_ERRORS = {
 }
 # Whose fault an outcome is, for the access log and the breaker (a timeout may be either's).
 FAULTS = {"rejected": "client", "timeout": None}  # every other failure: "server"
+
+# A prove or verify request that ended before bb's verdict -> (metrics outcome, whose fault), by
+# the error that ended it (its nearest listed base). bb's own failures go through PROVER_ERRORS.
+REQUEST_OUTCOMES = {
+    ClientGone: ("client_gone", "client"),
+    Busy: ("busy", None),
+    ProofFailed: ("rejected", "client"),  # the witness checks (witness.py), before bb
+    BadRequest: ("bad_request", "client"),
+    RequestTimeout: ("upload_timeout", "client"),
+    PayloadTooLarge: ("too_large", "client"),
+    ServiceUnavailable: ("unavailable", "server"),  # the temp dir, before bb
+    Exception: ("server_error", "server"),
+}
+
+
+@contextlib.contextmanager
+def accounted(environ, counter, name):
+    """Give one prove or verify request of circuit `name` exactly one outcome: in the access log
+    (environ's bb_worker.outcome and bb_worker.fault) and counted once in `counter` (a metrics
+    counter labelled circuit, outcome). The handler sets the outcome where it knows it (success,
+    valid, bb_failed, not_ready); an error that ends the request unset is placed by
+    REQUEST_OUTCOMES, and a client that hung up ends it as client_gone whatever came before.
+    """
+    try:
+        yield
+    except Exception as exc:
+        if isinstance(exc, ClientGone) or "bb_worker.outcome" not in environ:
+            for cls in type(exc).__mro__:
+                if cls in REQUEST_OUTCOMES:
+                    environ["bb_worker.outcome"], environ["bb_worker.fault"] = REQUEST_OUTCOMES[cls]
+                    break
+        raise
+    finally:
+        if environ.get("bb_worker.outcome"):
+            counter.labels(name, environ["bb_worker.outcome"]).inc()
 
 
 def prover_error(exc):
@@ -158,10 +194,10 @@ def printable(text):
 WITNESS_ERRORS = {400: BadRequest, 413: PayloadTooLarge, 422: ProofFailed}
 
 
-Limits = namedtuple("Limits", "max_body_bytes max_witness_bytes upload_timeout verify_timeout upload_deadline",
-                    defaults=(10.0, 60.0))
+Limits = namedtuple("Limits", "max_body_bytes max_witness_bytes upload_timeout upload_deadline", defaults=(60.0,))
 Limits.__doc__ = """Per-request limits: body bytes (compressed), witness bytes (decompressed),
-seconds the body may stall (idle), seconds one bb verify may run, seconds for the whole body."""
+seconds the body may stall (idle), seconds for the whole body. (The deadline of bb verify
+is the circuit's: bbrunner.Circuit.verify_timeout.)"""
 
 DEFAULT = "default"  # the circuit at /api/prove and /api/vk (CIRCUIT_PATH); also its metrics label
 CIRCUIT_PREFIXES = ("/api/prove/", "/api/verify/", "/api/vk/", "/api/health/")
@@ -397,7 +433,7 @@ class App:
             vk, vk_hash = circuit.vk_bytes()
             version = circuit.version()
         except bbrunner.ProverError as exc:
-            raise self.bb_failed(environ, request_id, exc)[0] from None
+            raise self.bb_failed(environ, request_id, exc) from None
         reply = json_reply(200, {"vk": base64.b64encode(vk).decode(), "vk_hash": "0x" + vk_hash.hex(),
                                  "bb_version": version, "verifier_target": circuit.verifier_target,
                                  "circuit": None if name == DEFAULT else name})
@@ -411,13 +447,13 @@ class App:
 
     def prove(self, environ, request_id, name):
         """Admit, receive the body, wait for a slot, run bb; the steps of README's "How a request flows"."""
-        refuse_oversized(environ, self.limits.max_body_bytes)
-        self.refuse_unless_ready(environ, name, observability.PROOFS)
-        files = uuid.uuid4().hex  # never the request id: clients choose that
-        witness = os.path.join(self.work_dir, f"{files}.witness.gz")
-        outdir = os.path.join(self.work_dir, f"{files}.out")
-        watcher = None
-        try:
+        with accounted(environ, observability.PROOFS, name):
+            refuse_oversized(environ, self.limits.max_body_bytes)
+            self.refuse_unless_ready(environ, name)
+            files = uuid.uuid4().hex  # never the request id: clients choose that
+            witness = os.path.join(self.work_dir, f"{files}.witness.gz")
+            outdir = os.path.join(self.work_dir, f"{files}.out")
+            watcher = None
             with self.queue.admit() as ticket:
                 try:
                     self.receive(environ, request_id, name, witness, outdir, ticket)
@@ -431,12 +467,6 @@ class App:
                     if watcher is not None:
                         watcher.kill()  # blocks until it has stopped watching the socket
                         gevent.sleep(0)  # a ClientGone it already sent lands here, not in gunicorn
-        except Busy:
-            observability.PROOFS.labels(name, "busy").inc()
-            raise
-        except ClientGone:
-            observability.PROOFS.labels(name, "client_gone").inc()
-            raise
         return self.proof_reply(environ, result)
 
     def proof_reply(self, environ, result):
@@ -457,21 +487,19 @@ class App:
         return json_reply(200, {"success": True, "proof": base64.b64encode(result.proof).decode(),
                                 "publicInputs": result.public_inputs})
 
-    def refuse_unless_ready(self, environ, name, counter=None):
+    def refuse_unless_ready(self, environ, name):
         """Raise ServiceUnavailable (503, Retry-After) when readiness says circuit `name` cannot be
-        served now (Health.circuit_problems: bb, VK, CRS, temp dir, breaker), before bb runs.
-
-        counter: the metrics counter (labels circuit, outcome) that counts it as "not_ready".
+        served now (Health.circuit_problems: bb, VK, CRS, temp dir, breaker), before bb runs; the
+        outcome "not_ready".
         """
         problems = self.health.circuit_problems(name)
         if problems:
             environ["bb_worker.outcome"], environ["bb_worker.fault"] = "not_ready", "server"
-            if counter is not None:
-                counter.labels(name, "not_ready").inc()
             raise ServiceUnavailable(problems[0], retry_after=self.retry_after(problems))
 
     def bb_failed(self, environ, request_id, exc):
-        """Classify a bbrunner.ProverError (PROVER_ERRORS) and feed the breaker; return (HTTPError, outcome)."""
+        """Classify a bbrunner.ProverError (PROVER_ERRORS): set the request's outcome and fault, feed
+        the breaker, return the HTTPError to answer."""
         environ["bb_worker.bb_exit_code"] = exc.returncode
         error, outcome = prover_error(exc)
         fault = FAULTS.get(outcome, "server")
@@ -481,7 +509,7 @@ class App:
         elif fault == "server" and self.health.breaker.failure(
                 str(exc), trip=isinstance(exc, bbrunner.CrsUnavailable)):
             log.error("request %s: server-side failures: /api/health answers 503 for a while", request_id)
-        return error, outcome
+        return error
 
     def retry_after(self, problems):
         """Retry-After seconds (int) for a 503 answered because of `problems` (list of str)."""
@@ -493,9 +521,16 @@ class App:
 
     def verify(self, environ, request_id, name):
         """bb verify a proof with circuit `name`'s VK: {"valid": bool}. Never takes a proof slot."""
+        with accounted(environ, observability.VERIFICATIONS, name):
+            valid = self.run_verify(environ, request_id, name)
+        return json_reply(200, {"valid": valid})
+
+    def run_verify(self, environ, request_id, name):
+        """Receive /api/verify's body and run bb verify on it: True or False (its outcome "valid" or
+        "invalid"); bb's failures map as in run_bb, a timeout to VerifyTimeout (504)."""
         sink = MemorySink(MAX_VERIFY_BODY_BYTES)
         refuse_oversized(environ, MAX_VERIFY_BODY_BYTES)
-        self.refuse_unless_ready(environ, name, observability.VERIFICATIONS)
+        self.refuse_unless_ready(environ, name)
         read_body(environ, sink, self.limits.upload_timeout, self.limits.upload_deadline)
         environ["bb_worker.bytes_in"] = sink.received
         proof, public_inputs = parse_verify_request(sink.data(), environ.get("CONTENT_TYPE", ""),
@@ -516,21 +551,18 @@ class App:
                 except OSError as exc:
                     log.error("request %s: cannot write to %s: %s", request_id, self.work_dir, exc)
                     raise ServiceUnavailable(f"temp dir is not writable: {exc.strerror}") from None
-                valid = circuit.verify(os.path.join(workdir, "proof"), os.path.join(workdir, "public_inputs"),
-                                       timeout=self.limits.verify_timeout)
-        except Busy:
-            observability.VERIFICATIONS.labels(name, "busy").inc()
-            raise
+                valid = circuit.verify(os.path.join(workdir, "proof"), os.path.join(workdir, "public_inputs"))
         except bbrunner.ProverError as exc:
-            error, outcome = self.bb_failed(environ, request_id, exc)
-            observability.VERIFICATIONS.labels(name, outcome).inc()
+            error = self.bb_failed(environ, request_id, exc)
             log.warning("request %s: verify: %s: %s", request_id, type(exc).__name__, exc)
+            if isinstance(error, ProofTimeout):
+                error = VerifyTimeout(error.message)
             raise error from None
         finally:
             remove(workdir)
         environ["bb_worker.bb_exit_code"] = 0 if valid else 1
-        observability.VERIFICATIONS.labels(name, "valid" if valid else "invalid").inc()
-        return json_reply(200, {"valid": valid})
+        environ["bb_worker.outcome"] = "valid" if valid else "invalid"
+        return valid
 
     def receive(self, environ, request_id, name, witness_path, outdir, ticket=None):
         """Stream the body to `witness_path`, checked as gzip then as a witness of circuit `name`.
@@ -565,7 +597,7 @@ class App:
             observability.RECEIVED.inc(sink.received)
 
     def run_bb(self, environ, request_id, name, witness, outdir, grant=None):
-        """Prove `witness` with circuit `name`; map failures, count them, feed the breaker.
+        """Prove `witness` with circuit `name`; map failures to their outcome, feed the breaker.
 
         The caller holds a proof slot; `grant` (a scheduler.Grant) gives bb its thread
         count and the slot's lock descriptors, which bb inherits.
@@ -576,8 +608,7 @@ class App:
                 result = self.circuits[name].prove(witness, outdir, keep_fds=grant.fds if grant else (),
                                                    threads=grant.threads if grant else None)
         except bbrunner.ProverError as exc:
-            error, outcome = self.bb_failed(environ, request_id, exc)
-            observability.PROOFS.labels(name, outcome).inc()
+            error = self.bb_failed(environ, request_id, exc)
             level = logging.ERROR if isinstance(exc, bbrunner.ProofRejected) else logging.WARNING
             log.log(level, "request %s: %s (%s fault): %s", request_id, type(exc).__name__,
                     environ["bb_worker.fault"], exc)
@@ -586,7 +617,6 @@ class App:
         environ["bb_worker.outcome"] = "success"
         environ["bb_worker.bb_exit_code"] = 0
         observability.PROVE_SECONDS.labels(name).observe(time.monotonic() - started)
-        observability.PROOFS.labels(name, "success").inc()
         return result
 
 
@@ -625,14 +655,14 @@ def worker_dir():
 def create_app():
     """Build the App from settings.py: one BB, one Circuit per settings.CIRCUITS entry."""
     bb = bbrunner.BB(**settings.BB_OPTIONS)
-    circuits = {name: bbrunner.Circuit(bb, path, settings.VK_CACHE_DIR, verify=settings.VERIFY_PROOFS)
+    circuits = {name: bbrunner.Circuit(bb, path, settings.VK_CACHE_DIR, verify=settings.VERIFY_PROOFS,
+                                       verify_timeout=settings.VERIFY_TIMEOUT_SECONDS)
                 for name, path in settings.CIRCUITS.items()}
     slots = Scheduler(settings.SLOTS_DIR, settings.PROOF_CORES, settings.MAX_CONCURRENT_PROOFS,
                       settings.PROOF_MEMORY_BUDGET_BYTES)
     queue = ProofQueue(slots, settings.QUEUE_TIMEOUT_SECONDS, settings.MAX_QUEUED_REQUESTS,
                        settings.MAX_UPLOADING_REQUESTS)
     limits = Limits(settings.MAX_BODY_BYTES, settings.MAX_WITNESS_BYTES, settings.UPLOAD_TIMEOUT_SECONDS,
-                    settings.VERIFY_TIMEOUT_SECONDS,
                     settings.UPLOAD_DEADLINE_SECONDS)
     with open(OPENAPI_PATH, "rb") as f:
         openapi = f.read()

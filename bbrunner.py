@@ -477,10 +477,14 @@ class BB:
         """Run `bb command *args` (see argv()) within `timeout` seconds (default: this BB's), under
         this BB's memory limit; return (returncode, stdout, stderr). scratch, keep_fds, threads: as for run().
 
-        Raises ProverOutOfMemory when an allocation failed, and what run() raises.
+        Raises ProverOutOfMemory when an allocation failed, ProverTimeout naming the
+        command, and what run() raises.
         """
-        code, out, err = run(self.argv(command, *args), timeout or self.timeout, scratch, keep_fds,
-                             self.memory_limit_mb, threads)
+        timeout = timeout or self.timeout
+        try:
+            code, out, err = run(self.argv(command, *args), timeout, scratch, keep_fds, self.memory_limit_mb, threads)
+        except ProverTimeout:
+            raise ProverTimeout(f"bb {command} did not finish within {timeout:g} s") from None
         if code != 0 and any(marker in err for marker in OUT_OF_MEMORY_MARKERS):
             raise ProverOutOfMemory(code, self.memory_limit_mb)
         return code, out, err
@@ -495,16 +499,18 @@ class Circuit:
     these bytes, kept beside their VK, so a file changed on disk later cannot be paired with
     this VK. vk_cache_dir: where verification keys are cached, one subdirectory per (circuit
     bytes, bb version, verifier target). verify: run `bb verify` on every proof before
-    prove() returns it. Raises OSError. `acir` is the witness.Circuit decoded from the same
+    prove() returns it. verify_timeout: seconds one `bb verify` may run, the one in prove()
+    and verify()'s (None: the BB's timeout). Raises OSError. `acir` is the witness.Circuit decoded from the same
     bytes (witness checks), or None when it cannot be decoded (`acir_error` says why; bb then
     judges the circuit and its witnesses alone, readiness reporting what bb says).
     """
 
-    def __init__(self, bb, path, vk_cache_dir, verify=True):
+    def __init__(self, bb, path, vk_cache_dir, verify=True, verify_timeout=None):
         self.bb = bb
         self.path = path
         self.vk_cache_dir = vk_cache_dir
         self.verify_proofs = verify
+        self.verify_timeout = verify_timeout
         with open(path, "rb") as f:
             self.program = f.read()
         self.sha256 = hashlib.sha256(self.program).hexdigest()
@@ -711,12 +717,12 @@ class Circuit:
         code, _, err = self.bb.run("prove", "-b", program, "-w", witness_path, "-k", vk, "-o", workdir,
                                    scratch=workdir, keep_fds=keep_fds, threads=threads)
         try:
+            if code != 0 or bbformat.UNSATISFIED in err:
+                raise bb_error(code, err, (workdir, witness_path, program, vk, self.bb.crs_dir or ""))
             proof = read_proof(workdir, code)
             self.check_proof(proof)
         except BBExited as exc:
             raise on_full_disk(exc, workdir) from None
-            if code != 0 or bbformat.UNSATISFIED in err:
-                raise bb_error(code, err, (workdir, witness_path, program, vk, self.bb.crs_dir or ""))
         if self.verify_proofs and not self.verify(os.path.join(workdir, "proof"),
                                                   os.path.join(workdir, "public_inputs")):
             raise ProofRejected(code, "proof failed verification: bb verify rejects the proof bb prove wrote")
@@ -736,17 +742,18 @@ class Circuit:
 
     # -- verifying
 
-    def verify(self, proof_path, public_inputs_path, timeout=None):
+    def verify(self, proof_path, public_inputs_path):
         """`bb verify` a proof with this circuit's VK: True if bb accepts it, False if it rejects it.
 
         proof_path: an UltraHonk proof as `bb prove` writes it (whole 32-byte field
         elements). public_inputs_path: 32-byte big-endian field elements, bb's
-        `public_inputs` format. timeout: seconds (default: the BB's). Raises
-        ProverTimeout, ProverUnavailable, or a BBExited subclass when bb fails for a
-        reason other than the proof (verify_verdict).
+        `public_inputs` format. Raises ProverTimeout (after verify_timeout seconds),
+        ProverUnavailable, or a BBExited subclass when bb fails for a reason other than
+        the proof (verify_verdict).
         """
         vk = self.ensure_vk()
-        code, _, err = self.bb.run("verify", "-k", vk, "-p", proof_path, "-i", public_inputs_path, timeout=timeout)
+        code, _, err = self.bb.run("verify", "-k", vk, "-p", proof_path, "-i", public_inputs_path,
+                                   timeout=self.verify_timeout)
         return verify_verdict(code, err)
 
 

@@ -79,6 +79,11 @@ class ProofTimeout(HTTPError):
     code, title = 504, "Proof generation timed out"
 
 
+class VerifyTimeout(ProofTimeout):
+    """504 of /api/verify: its `bb verify` ran past VERIFY_TIMEOUT_SECONDS."""
+    title = "Proof verification timed out"
+
+
 def status_line(code):
     """"200 OK" etc.; 499 is nginx's "client closed request", which only the access log sees."""
     try:

@@ -4,6 +4,7 @@ ids and client addresses in the access log, keep-alive."""
 import base64
 import fcntl
 import glob
+import gzip
 import http.client
 import json
 import os
@@ -13,11 +14,14 @@ import socket
 import subprocess
 import sys
 import time
+import uuid
 
 import pytest
 
 from conftest import CIRCUIT, expected, fixture_bytes
-from support import FAKE_BB, ROOT, request, request_json
+from support import FAKE_BB, ROOT, request, request_json, wait_for
+from test_witness import VALID_MAP, stack
+import witness
 
 TOKENS = ("tok-alpha-1f3b", "tok-beta-77c2")
 WITNESS = fixture_bytes("valid_1.gz")
@@ -194,6 +198,53 @@ def test_verifications_are_counted(server, proved):
     assert (count("valid"), count("invalid")) == (before[0] + 1, before[1] + 1)
 
 
+def outcome_counts(port, family):
+    """{(circuit, outcome): count} of a bb_worker_*_total family on /api/metrics."""
+    text = request(port, "GET", "/api/metrics")[2].decode()
+    return {m.groups()[:2]: float(m.group(3)) for m in
+            re.finditer(rf'^bb_worker_{family}_total{{circuit="(\w+)",outcome="(\w+)"}} (\S+)$', text, re.M)}
+
+
+@pytest.mark.parametrize("path, body, sent, code, outcome, fault", [
+    ("/api/prove", gzip.compress(stack({**VALID_MAP, 2 ** 28: bytes(32)})), GZIP, 422, "rejected", "client"),
+    ("/api/prove", gzip.compress(stack({**VALID_MAP, 0: witness.MODULUS_BYTES})), GZIP, 422, "rejected", "client"),
+    ("/api/prove", b"not gzip", GZIP, 400, "bad_request", "client"),
+    ("/api/prove", gzip.compress(b"\x03" + bytes(1 << 20)), GZIP, 413, "too_large", "client"),
+    ("/api/prove", WITNESS, GZIP, 200, "success", "-"),
+    ("/api/prove", fixture_bytes("unsatisfied.gz"), GZIP, 422, "rejected", "client"),
+    ("/api/verify", b"not json", {"Content-Type": "application/json"}, 400, "bad_request", "client"),
+    ("/api/verify", b"{}", {"Content-Type": "application/json", "Content-Length": str(1 << 30)}, 413,
+     "too_large", "client"),
+], ids=["index-2^28", "modulus", "not-gzip", "too-large", "valid", "unsatisfied", "verify-not-json",
+        "verify-too-large"])
+def test_every_prove_and_verify_request_has_one_outcome(server, path, body, sent, code, outcome, fault):
+    """Rejected before bb or by bb, each request is one access line with its outcome and fault,
+    and one count of that outcome in the metrics (prove: proofs_total, verify: verifications_total)."""
+    family = "proofs" if path == "/api/prove" else "verifications"
+    before = outcome_counts(server.port, family)
+    status, headers, reply = request(server.port, "POST", path, body, {**sent, "X-Request-Id": uuid.uuid4().hex})
+    assert status == code, reply
+    assert wait_for(lambda: access_lines(server, headers["x-request-id"]))
+    line = access_lines(server, headers["x-request-id"])
+    assert len(line) == 1 and re.search(rf" {code} .* outcome={outcome} fault={fault} client=", line[0]), line
+    after = outcome_counts(server.port, family)
+    changed = {key: after[key] - before.get(key, 0) for key in after if after[key] != before.get(key, 0)}
+    assert changed == {("default", outcome): 1.0}
+
+
+def test_the_verify_in_prove_keeps_verify_timeout_seconds(start_server, tmp_path):
+    """bb verify of a fresh proof hangs: the proof request ends at VERIFY_TIMEOUT_SECONDS, not
+    PROVE_TIMEOUT_SECONDS, with nothing left behind."""
+    fake = tmp_path / "bb"
+    shutil.copy(FAKE_BB, fake)
+    srv = start_server(BB_BINARY=str(fake), FAKE_BB_VERIFY_MODE="sleep", VERIFY_TIMEOUT_SECONDS="2",
+                       PROVE_TIMEOUT_SECONDS="600")
+    status, _, body = request_json(srv.port, "POST", "/api/prove", WITNESS, GZIP)
+    assert (status, body["error"]) == (504, "Proof generation timed out"), body
+    assert body["message"] == "bb verify did not finish within 2 s"
+    assert srv.leftovers() == []
+
+
 @pytest.mark.parametrize("body, headers, words", [
     (b"not json", {"Content-Type": "application/json"}, "JSON"),
     (b"[]", {"Content-Type": "application/json"}, "object"),
@@ -279,8 +330,12 @@ def test_verify_has_its_own_limit_and_deadline(start_server, tmp_path):
     status, headers, body = request_json(srv.port, "POST", "/api/verify", b"\0" * 64, raw)  # not the first's 5 s
     assert status == 503 and int(headers["retry-after"]) >= 1, body
     reply = first.getresponse()
-    assert reply.status == 504, reply.read()
+    assert reply.status == 504
+    assert json.loads(reply.read()) == {"error": "Proof verification timed out",
+                                        "message": "bb verify did not finish within 5 s"}
     first.close()
+    assert re.search(r" POST /api/verify 503 .* outcome=busy fault=- ", srv.output())
+    assert wait_for(lambda: re.search(r" POST /api/verify 504 .* outcome=timeout fault=- ", srv.output()))
     assert srv.leftovers() == []
 
 

@@ -3,6 +3,7 @@ import base64
 import gzip
 import json
 import os
+import re
 import socket
 import ssl
 import subprocess
@@ -109,6 +110,9 @@ def test_full_queue_is_503_before_any_100_continue(start_server, fake_bb, tmp_pa
     for t in threads:
         t.join()
     assert results == [200, 200]
+    assert re.search(r" POST /api/prove 503 .* outcome=busy fault=- ", srv.output())
+    metrics = request(srv.port, "GET", "/api/metrics")[2].decode()
+    assert 'bb_worker_proofs_total{circuit="default",outcome="busy"} 1.0' in metrics
 
 
 def test_expect_gets_100_continue_then_the_proof(start_server, fake_bb):
@@ -165,6 +169,9 @@ def test_hang_up_stops_bb_even_after_pipelined_bytes(start_server, fake_bb, tmp_
     sock.close()
     assert wait_for(lambda: not alive(pids_in(pidfile)[0]), timeout=5), "bb still runs for a client that left"
     assert wait_for(lambda: " 499 " in srv.output())
+    assert re.search(r" POST /api/prove 499 .* outcome=client_gone fault=client ", srv.output())
+    metrics = request(srv.port, "GET", "/api/metrics")[2].decode()
+    assert 'bb_worker_proofs_total{circuit="default",outcome="client_gone"} 1.0' in metrics
     assert wait_for(lambda: srv.leftovers() == [])
 
 

@@ -297,6 +297,18 @@ def test_prover_errors_map_to_status_codes(app, work_dir, error, code, title, me
     assert os.listdir(work_dir) == []
 
 
+def test_readme_names_every_metrics_outcome(app):
+    """Each outcome the app can count (PROVER_ERRORS, REQUEST_OUTCOMES, the verdicts) is in the
+    README's /api/metrics section, so an operator's alert can be written from it."""
+    with open(os.path.join(os.path.dirname(app.__file__), "README.md")) as f:
+        text = f.read()
+    section = text[text.index("### `GET /api/metrics`"):text.index("### `GET /api/openapi.json`")]
+    outcomes = ({outcome for _, _, outcome in app.PROVER_ERRORS.values()}
+                | {outcome for outcome, _ in app.REQUEST_OUTCOMES.values()}
+                | {"success", "valid", "invalid", "not_ready"})
+    assert [o for o in sorted(outcomes) if not re.search(rf"\b{o}\b", section)] == []
+
+
 def test_busy_slots_are_503_with_retry_after(app, prover, work_dir, tmp_path):
     slots = admission.Scheduler(str(tmp_path / "slots"), 1, 1, 1 << 30)
     worker = make_worker(app, prover, work_dir, slots=slots, queue_timeout=0.3)
