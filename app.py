@@ -224,7 +224,7 @@ class App:
         self.cors = cors or CorsPolicy(None)
         self.trusted_proxies = correlation.TrustedProxies(trusted_proxies)
         self.openapi = openapi
-        self.health = Health(self.circuits[DEFAULT].bb, self.circuits, work_dir)
+        self.health = Health(self.circuits[DEFAULT].bb, self.circuits, work_dir, stopping=connection.stopping)
         self.work_dir = work_dir
         self._warm_up = None  # the greenlet computing missing VKs
         self.limits = limits

@@ -16,7 +16,9 @@ side (`shutdown(SHUT_WR)`, what `nc -N` does) and still waits for its reply.
 a deadline for request heads: gunicorn bounds the wait for a request line and
 headers only by `keepalive`, which behind a load balancer is long (its idle
 timeout and more), so a client trickling its headers would hold the connection
-that long.
+that long. It also tells `stopping()` once SIGTERM arrived: gunicorn's worker
+closes its listener only at its next one-second tick and serves what it accepts
+until then, so readiness says 503 from the signal on.
 """
 import select
 import socket
@@ -186,6 +188,15 @@ class HeadDeadline:
         return value is self.timeout
 
 
+_stopping = False
+
+
+def stopping():
+    """True once this worker process got SIGTERM (GeventWorker.handle_exit): it finishes the
+    requests it has and exits. False in a process that is not a gunicorn worker."""
+    return _stopping
+
+
 class GeventWorker(ggevent.GeventWorker):
     """gunicorn's gevent worker; request heads must arrive within `header_timeout` seconds.
 
@@ -206,6 +217,12 @@ class GeventWorker(ggevent.GeventWorker):
             super().handle(listener, client, addr)
         finally:
             self._clients.pop(gevent.getcurrent(), None)
+
+    def handle_exit(self, sig, frame):
+        """SIGTERM: graceful stop; stopping() is True from here on."""
+        global _stopping
+        _stopping = True
+        super().handle_exit(sig, frame)
 
     def handle_quit(self, sig, frame):
         """SIGINT/SIGQUIT: a quick exit, once. Ctrl-C signals the worker and then the master

@@ -4,7 +4,8 @@ Health.check() says whether a proof can succeed now, per circuit, and why not:
 bb unusable (BB.status, cached: no bb run), a circuit's VK not computed yet
 ("starting") or failed, its CRS missing or smaller than the VK says the circuit
 needs (Circuit.problems: a few stat() calls), the work directory missing, not
-writable or full, or the Breaker open after a run of server-side failures. Every
+writable or full, the Breaker open after a run of server-side failures, or the
+process stopping (SIGTERM: connection.stopping). Every
 look runs the checks again, so a fault shows at the next health check and its
 end too, without a restart. Health.live() is liveness: the process answers.
 """
@@ -76,18 +77,22 @@ class Health:
 
     bb: the bbrunner.BB every circuit shares. circuits: dict name -> bbrunner.Circuit
     (anything with problems()). work_dir: this worker's directory for request files
-    (made again, mode 0700, when it is gone). breaker: a Breaker.
+    (made again, mode 0700, when it is gone). breaker: a Breaker. stopping: a callable,
+    True once the process is shutting down (connection.stopping).
     """
 
-    def __init__(self, bb, circuits, work_dir, breaker=None):
+    def __init__(self, bb, circuits, work_dir, breaker=None, stopping=lambda: False):
         self.bb = bb
         self.circuits = circuits
         self.work_dir = work_dir
         self.breaker = breaker or Breaker()
+        self.stopping = stopping
 
     def server_problems(self):
         """Why no proof can succeed now, whatever the circuit (list of str)."""
         problems = []
+        if self.stopping():
+            problems.append("stopping: SIGTERM received; the requests in flight finish, no new ones")
         status = self.bb.status()
         if not status.available:
             problems.append(f"bb is not usable: {status.detail}")

@@ -89,3 +89,9 @@ def test_server_problems_make_every_circuit_unready(tmp_path):
     assert health.circuit_problems("default")[0].startswith("1 server-side proof failure(s) in a row")
     clock.now += 5
     assert health.circuit_problems("default") == []
+    stopping = []
+    health = Health(BB(), {"default": Circuit()}, str(tmp_path / "w"), stopping=lambda: bool(stopping))
+    assert health.check()[0]
+    stopping.append(True)
+    ready, payload = health.check()
+    assert not ready and payload["reasons"][0].startswith("stopping: SIGTERM")
