@@ -182,8 +182,10 @@ def post_worker_init(worker):
 def child_exit(server, worker):
     """Drop a dead worker's live metrics (in-flight and queued gauges) and its files."""
     import observability
+    import scheduler
 
     observability.worker_exited(worker.pid)
+    scheduler.forget_process(settings.SLOTS_DIR, worker.pid)
     if _run_dir is not None:  # a worker killed mid-proof leaves its witness; its bb died with it
         _run_dir.remove_worker(worker.pid)
 

@@ -39,6 +39,22 @@ import ownership
 Running = namedtuple("Running", "threads peak_bytes")
 Running.__doc__ = """One running bb: its thread count and its circuit's peak RSS in bytes (0 = unknown)."""
 
+def forget_process(state_dir, pid):
+    """Remove the waiting-<pid>-* files of process `pid`, which has exited (gunicorn.conf.py's
+    child_exit, in the master). Others would remove them at their next look (Scheduler._waiting);
+    this leaves nothing behind once the server has stopped."""
+    try:
+        names = os.listdir(state_dir)
+    except OSError:
+        return
+    for name in names:
+        if name.startswith(f"waiting-{pid}-"):
+            try:
+                os.unlink(os.path.join(state_dir, name))
+            except OSError:
+                pass
+
+
 class Grant(namedtuple("Grant", "slot threads")):
     """A started proof: `slot` an ownership.HeldSlot (release() closes it); `threads` for bb."""
 

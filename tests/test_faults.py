@@ -222,6 +222,8 @@ def test_sigterm_lets_the_proof_in_flight_finish(start_server, fake_bb, tmp_path
     assert result and result[0][0] == 200 and result[0][2]["success"] is True
     assert time.monotonic() - stopped_at < 15
     assert srv.leftovers() == []
+    slots = os.path.join(srv.tmpdir, "bb-worker-slots")  # shared by servers; its lock files stay
+    assert [n for n in os.listdir(slots) if n.startswith("waiting-")] == []
 
 
 # ---------------------------------------------------------------- the temp dir

@@ -285,6 +285,8 @@ def test_kill_9_of_a_worker_mid_proof_leaves_no_bb_and_no_files(start_server, fa
     t.join()
     assert wait_for(lambda: not bb_processes(fake_bb), timeout=5), "bb outlived its worker"
     assert wait_for(lambda: not os.path.exists(worker_dir), timeout=10), os.listdir(worker_dir)
+    slots = os.path.join(srv.tmpdir, "bb-worker-slots")
+    assert not [n for n in os.listdir(slots) if n.startswith(f"waiting-{worker}-")]  # the master forgot it
     # gunicorn starts a new worker; the slot is free again and no more than one bb ever runs
     srv.wait_ready()
     new_dirs = wait_for(lambda: srv.worker_dirs())
