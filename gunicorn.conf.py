@@ -120,6 +120,7 @@ def on_starting(server):
 
     _master_pid = os.getpid()
     atexit.register(_remove_ours)
+    ownership.become_subreaper()  # child_exit kills what a killed worker's bb left (kill_orphans)
     # Metrics: with one worker prometheus_client's in-process registry is exact. With
     # several, its multiprocess mode: each worker writes samples to mmap'ed files that
     # /api/metrics merges. They live in RAM (/dev/shm) in a directory of this server's
@@ -182,10 +183,12 @@ def post_worker_init(worker):
 def child_exit(server, worker):
     """Drop a dead worker's live metrics (in-flight and queued gauges) and its files."""
     import observability
+    import ownership
     import scheduler
 
     observability.worker_exited(worker.pid)
     scheduler.forget_process(settings.SLOTS_DIR, worker.pid)
+    ownership.kill_orphans()  # bb died with its worker (PR_SET_PDEATHSIG); anything bb started did not
     if _run_dir is not None:  # a worker killed mid-proof leaves its witness; its bb died with it
         _run_dir.remove_worker(worker.pid)
 

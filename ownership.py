@@ -13,6 +13,9 @@
   it); clean_stale() removes only the directories of servers that are gone.
 - die_with_parent() runs in a child between fork and exec: the kernel kills it
   when the process that started it dies (Linux PR_SET_PDEATHSIG).
+- become_subreaper() and kill_orphans() run in the gunicorn master: what a bb started
+  before its worker was killed (PR_SET_PDEATHSIG reaches bb, not bb's children) is
+  handed to the master, which kills it when it learns the worker died.
 """
 import ctypes
 import errno
@@ -33,6 +36,7 @@ RUN_DIR_ENV = "BB_WORKER_RUN_DIR"  # gunicorn.conf.py names the server's run dir
 OWNER_LOCK = "owner.lock"
 STALE_GRACE_SECONDS = 60.0  # a run dir without its lock file is removed only when older than this
 PR_SET_PDEATHSIG = 1  # <linux/prctl.h>
+PR_SET_CHILD_SUBREAPER = 36
 
 
 class UnsafePath(PermissionError):
@@ -279,3 +283,36 @@ def die_with_parent(parent_pid, sig=signal.SIGKILL):
         raise OSError(code, os.strerror(code))
     if os.getppid() != parent_pid:
         os.kill(os.getpid(), sig)
+
+
+def become_subreaper():
+    """Make this process inherit the orphans of its descendants instead of PID 1 (Linux
+    PR_SET_CHILD_SUBREAPER), for kill_orphans(). Returns False where the kernel refuses.
+    A server run as PID 1 (a container without an init) inherits them anyway."""
+    return _libc.prctl(PR_SET_CHILD_SUBREAPER, 1, 0, 0, 0) == 0
+
+
+def kill_orphans():
+    """SIGKILL the process groups of this process's children that are not in its own group.
+
+    In the gunicorn master those are bb runs, or processes a bb started, whose worker died
+    (bb runs in a process group of its own; the workers stay in the master's): a worker
+    reaps its own bb. Returns the pids found (list of int); gunicorn reaps them.
+    """
+    me, ours = os.getpid(), os.getpgrp()
+    found = []
+    for entry in os.listdir("/proc"):
+        if not entry.isdigit():
+            continue
+        try:
+            with open(f"/proc/{entry}/stat", "rb") as f:
+                fields = f.read().rsplit(b")", 1)[1].split()  # state, ppid, pgrp, ... (proc(5))
+        except (OSError, IndexError):
+            continue
+        if int(fields[1]) == me and int(fields[2]) != ours:
+            try:
+                os.killpg(int(fields[2]), signal.SIGKILL)
+            except OSError:
+                pass
+            found.append(int(entry))
+    return found

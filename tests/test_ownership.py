@@ -161,6 +161,20 @@ def test_child_dies_with_its_parent(tmp_path):
         pytest.fail("the child outlived its parent")
 
 
+def test_a_subreaper_kills_orphans_in_other_process_groups_only():
+    """In a process of its own (pytest's other children must not count): a child in our process
+    group (a worker) lives; a child in a group of its own (bb) and the process it started,
+    orphaned to us when bb exits, die with their group."""
+    code = ("import os, subprocess, sys, time, ownership; assert ownership.become_subreaper(); "
+            "worker = subprocess.Popen(['sleep', '60']); "
+            "bb = subprocess.Popen(['sh', '-c', 'sleep 60 & echo $!; exit 0'], process_group=0, stdout=subprocess.PIPE, text=True); "
+            "grandchild = int(bb.stdout.readline()); bb.wait(); time.sleep(0.2); "
+            "found = ownership.kill_orphans(); time.sleep(0.2); "
+            "print(found == [grandchild], worker.poll() is None, os.waitpid(grandchild, 0)[1] == 9); worker.kill()")
+    proc = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=30)
+    assert proc.stdout.split() == ["True", "True", "True"], proc.stdout + proc.stderr
+
+
 def test_die_with_parent_kills_a_child_whose_parent_is_already_gone():
     code = "import ownership; ownership.die_with_parent(1); print('survived')"
     proc = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=30)

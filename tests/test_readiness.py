@@ -15,7 +15,7 @@ from pathlib import Path
 import pytest
 
 from conftest import CIRCUIT, fixture_bytes
-from support import Server, alive, bb_processes, descendants, request, request_json
+from support import Server, alive, bb_processes, descendants, pids_in, request, request_json
 
 WITNESS = fixture_bytes("valid_1.gz")
 G1 = "bn254_g1.dat"
@@ -269,9 +269,12 @@ def test_a_killed_servers_files_are_removed_by_the_next_one_only(tmp_path, fake_
         assert len(runs) == 1 and runs != dead_run
 
 
-def test_kill_9_of_a_worker_mid_proof_leaves_no_bb_and_no_files(start_server, fake_bb, tmp_path):
+@pytest.mark.parametrize("mode", ["sleep", "grandchild"])
+def test_kill_9_of_a_worker_mid_proof_leaves_no_bb_and_no_files(start_server, fake_bb, tmp_path, mode):
+    """bb dies with its worker (PR_SET_PDEATHSIG); what bb started is killed by the master, which
+    inherits it (a child subreaper) when bb dies."""
     pidfile = tmp_path / "pids"
-    srv = start_server(BB_BINARY=fake_bb, FAKE_BB_MODE="sleep", FAKE_BB_PIDFILE=pidfile, MAX_CONCURRENT_PROOFS=1,
+    srv = start_server(BB_BINARY=fake_bb, FAKE_BB_MODE=mode, FAKE_BB_PIDFILE=pidfile, MAX_CONCURRENT_PROOFS=1,
                        PROVE_TIMEOUT_SECONDS=60)
     worker_dir = srv.work_dir
     worker = int(os.path.basename(worker_dir)[1:])
@@ -281,9 +284,13 @@ def test_kill_9_of_a_worker_mid_proof_leaves_no_bb_and_no_files(start_server, fa
     assert len(bb) == 1 and os.listdir(worker_dir)  # bb runs; the witness is on disk
     slot_fds = [os.readlink(f"/proc/{bb[0]}/fd/{fd}") for fd in os.listdir(f"/proc/{bb[0]}/fd")]
     assert any(path.endswith("slot-0.lock") for path in slot_fds), slot_fds  # bb holds the slot too
+    if mode == "grandchild":
+        assert wait_for(lambda: len(pids_in(pidfile)) == 2)  # bb, then the `sleep 3600` it started
+    started = pids_in(pidfile)
     os.kill(worker, signal.SIGKILL)
     t.join()
     assert wait_for(lambda: not bb_processes(fake_bb), timeout=5), "bb outlived its worker"
+    assert wait_for(lambda: not any(alive(pid) for pid in started), timeout=5), "what bb started outlived it"
     assert wait_for(lambda: not os.path.exists(worker_dir), timeout=10), os.listdir(worker_dir)
     slots = os.path.join(srv.tmpdir, "bb-worker-slots")
     assert not [n for n in os.listdir(slots) if n.startswith(f"waiting-{worker}-")]  # the master forgot it
