@@ -37,10 +37,12 @@ class UploadTooSlow(RequestTimeout):
 def slowest_upload(tickets, now, grace=PREEMPT_GRACE_SECONDS):
     """The Ticket with the lowest bytes/s among `tickets` uploading for over `grace` seconds; None if none.
 
-    now: time.monotonic() seconds.
+    now: time.monotonic() seconds. Of equal rates the oldest: progress counts whole reads of
+    up to body.CHUNK_BYTES, so every upload still in its first read shows 0 B/s, and the one
+    that has sent no read's worth for longest is the likeliest to be stuck.
     """
     eligible = [t for t in tickets if now - t.started > grace]
-    return min(eligible, key=lambda t: t.rate(now), default=None)
+    return min(eligible, key=lambda t: (t.rate(now), t.started), default=None)
 
 
 class Ticket:

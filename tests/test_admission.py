@@ -163,6 +163,9 @@ def test_slowest_upload_is_the_lowest_rate_past_the_grace():
     assert admission.slowest_upload([fresh, slow, fast], now) is slow
     assert admission.slowest_upload([fresh], now) is None
     assert admission.slowest_upload([], now) is None
+    young, old = _ticket(queue, 1.5, 0, now), _ticket(queue, 9.0, 0, now)  # both still in their first read
+    for order in ([young, old], [old, young]):
+        assert admission.slowest_upload(order, now) is old
 
 
 def test_a_newcomer_preempts_the_slowest_upload_else_gets_503():
