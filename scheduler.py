@@ -38,6 +38,13 @@ import ownership
 
 Running = namedtuple("Running", "threads peak_bytes")
 Running.__doc__ = """One running bb: its thread count and its circuit's peak RSS in bytes (0 = unknown)."""
+WAITING_PREFIX = "waiting-"  # waiting-<pid>-<id>: one process's count of waiting requests
+
+
+def waiting_prefix(pid):
+    """The start of the names of process `pid`'s waiting files (str)."""
+    return f"{WAITING_PREFIX}{pid}-"
+
 
 def forget_process(state_dir, pid):
     """Remove the waiting-<pid>-* files of process `pid`, which has exited (gunicorn.conf.py's
@@ -48,7 +55,7 @@ def forget_process(state_dir, pid):
     except OSError:
         return
     for name in names:
-        if name.startswith(f"waiting-{pid}-"):
+        if name.startswith(waiting_prefix(pid)):
             try:
                 os.unlink(os.path.join(state_dir, name))
             except OSError:
@@ -248,7 +255,7 @@ class Scheduler:
         This process's own count is len(self._line), whether or not its file is still there."""
         total = len(self._line)
         for name in os.listdir(self.state_dir):
-            if not name.startswith("waiting-"):
+            if not name.startswith(WAITING_PREFIX):
                 continue
             path = os.path.join(self.state_dir, name)
             if name == self._waiting_name():
@@ -289,7 +296,7 @@ class Scheduler:
             pass  # other processes then see this one's waiters as none: a fairness loss only
 
     def _waiting_name(self):
-        return f"waiting-{os.getpid()}-{id(self):x}"
+        return f"{waiting_prefix(os.getpid())}{id(self):x}"
 
     def _makedirs(self):
         ownership.private_dir(self.state_dir)
