@@ -541,16 +541,12 @@ class App:
             with self.verify_limit.slot():
                 if not circuit.vk_cached():  # only after the cache was cleaned: computed at start
                     self.compute_vk(circuit)
-                try:
-                    ownership.private_dir(self.work_dir)
+                with self.writing_work_dir(request_id):
                     os.mkdir(workdir, 0o700)
                     for file_name, data in (("proof", proof), ("public_inputs", public_inputs)):
                         with open(os.open(os.path.join(workdir, file_name),
                                           os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600), "wb") as f:
                             f.write(data)
-                except OSError as exc:
-                    log.error("request %s: cannot write to %s: %s", request_id, self.work_dir, exc)
-                    raise ServiceUnavailable(f"temp dir is not writable: {exc.strerror}") from None
                 valid = circuit.verify(os.path.join(workdir, "proof"), os.path.join(workdir, "public_inputs"))
         except bbrunner.ProverError as exc:
             error = self.bb_failed(environ, request_id, exc)
@@ -564,6 +560,17 @@ class App:
         environ["bb_worker.outcome"] = "valid" if valid else "invalid"
         return valid
 
+    @contextlib.contextmanager
+    def writing_work_dir(self, request_id):
+        """For the `with` body's writes into the work directory, made again (mode 0700) when gone:
+        an OSError is logged and answered 503 "temp dir is not writable" (outcome unavailable)."""
+        try:
+            ownership.private_dir(self.work_dir)
+            yield
+        except OSError as exc:
+            log.error("request %s: cannot write to %s: %s", request_id, self.work_dir, exc)
+            raise ServiceUnavailable(f"temp dir is not writable: {exc.strerror}") from None
+
     def receive(self, environ, request_id, name, witness_path, outdir, ticket=None):
         """Stream the body to `witness_path`, checked as gzip then as a witness of circuit `name`.
 
@@ -571,13 +578,9 @@ class App:
         Raises the 400/408/413/422/503 HTTPErrors; bb is not started.
         """
         circuit = self.circuits[name].acir
-        try:
-            ownership.private_dir(self.work_dir)
+        with self.writing_work_dir(request_id):
             os.mkdir(outdir, 0o700)
             sink = WitnessSink(witness_path, self.limits.max_body_bytes, self.limits.max_witness_bytes, circuit)
-        except OSError as exc:
-            log.error("request %s: cannot write to %s: %s", request_id, self.work_dir, exc)
-            raise ServiceUnavailable(f"temp dir is not writable: {exc.strerror}") from None
         if ticket is not None:
             ticket.progress = lambda: sink.received
         try:
