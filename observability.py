@@ -13,11 +13,12 @@ from prometheus_client import multiprocess
 
 MULTIPROCESS = bool(os.environ.get("PROMETHEUS_MULTIPROC_DIR"))
 
-PROOFS = Counter("bb_worker_proofs_total", "Proof requests by circuit and outcome "
-                 "(success, rejected, unverified, out_of_memory, timeout, crashed, unavailable, busy, client_gone).",
+# One count per request; the outcomes are app.py's (PROVER_ERRORS, REQUEST_OUTCOMES), listed in README.
+PROOFS = Counter("bb_worker_proofs_total", "POST /api/prove requests by circuit and outcome, one each "
+                 "(success, rejected, bad_request, too_large, busy, timeout, server_error, ...: README).",
                  ["circuit", "outcome"])
-VERIFICATIONS = Counter("bb_worker_verifications_total", "POST /api/verify requests by circuit and outcome "
-                        "(valid, invalid, busy, timeout, crashed, unavailable).", ["circuit", "outcome"])
+VERIFICATIONS = Counter("bb_worker_verifications_total", "POST /api/verify requests by circuit and outcome, "
+                        "one each (valid, invalid, bad_request, busy, timeout, ...: README).", ["circuit", "outcome"])
 PROVE_SECONDS = Histogram("bb_worker_prove_duration_seconds", "Wall time of one `bb prove` run, seconds.",
                           ["circuit"], buckets=(0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300))
 QUEUE_SECONDS = Histogram("bb_worker_queue_wait_seconds", "Time a request waited for a proof slot, seconds.",
