@@ -75,9 +75,10 @@ RUN python3 scripts/precompute_vk.py crs --bb /opt/build-bb/bb --circuit circuit
 FROM --platform=$TARGETPLATFORM ${RUNTIME_IMAGE} AS vk
 ARG VERIFIER_TARGET=""
 COPY --from=build --chown=65532:65532 /out /out
-COPY circuit.json settings.py bbrunner.py bbformat.py ownership.py witness.py /src/
+COPY circuit.json /src/
+COPY bbworker/ /src/bbworker/
 COPY scripts/precompute_vk.py /src/scripts/
-ENV PYTHONPATH=/out/site-packages CIRCUIT_PATH=/src/circuit.json BB_BINARY=/out/bin/bb \
+ENV PYTHONPATH=/out/site-packages:/src CIRCUIT_PATH=/src/circuit.json BB_BINARY=/out/bin/bb \
     BB_CRS_PATH=/out/crs VK_CACHE_DIR=/out/vk VERIFIER_TARGET=${VERIFIER_TARGET} TMPDIR=/tmp
 RUN ["/usr/bin/python3", "/src/scripts/precompute_vk.py"]
 
@@ -110,16 +111,15 @@ ENV PORT=8080 \
     PYTHONDONTWRITEBYTECODE=1 \
     PYTHONUNBUFFERED=1
 WORKDIR /app
-# Least often changed first: dependencies, bb, CRS, circuit + VK, the API document, then the app's code.
+# Least often changed first: dependencies, bb, CRS, circuit + VK, then the app's code.
 COPY --from=build /out/site-packages /app/site-packages
 COPY --from=build /out/bin/bb /app/bin/bb
 COPY --from=build /out/crs /app/crs
 COPY circuit.json /app/circuit.json
 COPY --from=vk --chown=0:0 /out/vk /app/vk
-# The OpenAPI document app.py serves at /api/openapi.json.
-COPY openapi.json /app/
-# The app: gunicorn.conf.py and the modules it and app.py import (the top-level *.py files).
-COPY *.py /app/
+# The app: the package (its OpenAPI document included) and the two entry points.
+COPY bbworker/ /app/bbworker/
+COPY app.py gunicorn.conf.py /app/
 USER 65532:65532
 EXPOSE 8080
 HEALTHCHECK --interval=30s --timeout=5s --start-period=20s \

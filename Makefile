@@ -14,9 +14,11 @@ endif
 
 .PHONY: setup browser run test image-test bench bench-quick fixtures clean
 
-$(VENV)/.installed: requirements.txt requirements-dev.txt
+# The pinned dependencies, then bb-worker itself (editable: `import bbworker` from anywhere in the venv).
+$(VENV)/.installed: requirements.txt requirements-dev.txt pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --quiet --disable-pip-version-check -r requirements.txt -r requirements-dev.txt
+	$(PY) -m pip install --quiet --disable-pip-version-check --no-deps -e .
 	touch $@
 
 setup: $(VENV)/.installed
@@ -40,14 +42,16 @@ test: setup browser
 	$(PY) -m pytest $(PYTEST_ARGS)
 
 # The production image for each of IMAGE_ARCHES, built with buildah from the Dockerfile on
-# bases made from Debian's packages (cached in /var/cache/bb-worker-images), then run with
-# podman as production runs it, plus Dockerfile.dev running `make test` (tests/image_engine.py). Needs root on Debian 12: it apt-installs
-# podman, buildah, mmdebstrap and qemu-user-static if missing. deploy/README.md has the details.
+# bases made from Debian's packages (cached in /var/cache/bb-worker-images), and Dockerfile.dev's
+# for this machine; each run plainly (`docker run -p 8080:8080 <image>`) and proving, the production
+# ones as production runs them too, the developer one running `make test` on the mounted checkout
+# (tests/packaging/image_engine.py). Needs root on Debian 12: it apt-installs podman, buildah,
+# mmdebstrap and qemu-user-static if missing. deploy/README.md has the details.
 IMAGE_ARCHES ?= amd64 arm64
 IMAGE_TAG ?= localhost/bb-worker:test
 image-test: setup
 	$(PY) scripts/build_image.py $(foreach arch,$(IMAGE_ARCHES),--arch $(arch)) --dev --tag $(IMAGE_TAG)
-	IMAGE_ARCHES="$(IMAGE_ARCHES)" IMAGE_TAG="$(IMAGE_TAG)" $(PY) -m pytest -p no:cacheprovider -v -s tests/image_engine.py
+	IMAGE_ARCHES="$(IMAGE_ARCHES)" IMAGE_TAG="$(IMAGE_TAG)" $(PY) -m pytest -p no:cacheprovider -v -s tests/packaging/image_engine.py
 
 # Benchmark (bench/README.md): `make bench` is the full run (~17 min; needs Node.js + npm to
 # generate the big circuits) and rewrites bench/RESULTS.md; `make bench-quick` (~2 min, committed

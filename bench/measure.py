@@ -15,13 +15,13 @@ import threading
 import time
 from collections import namedtuple
 
-import bbformat
-import settings
+from bbworker.bbrunner import formats
+from bbworker.settings import Settings
 from tests import support
 from tests.support import ServerError  # noqa: F401  (run.py reports it like BenchError)
 
 # Cleared before a server starts, so the caller's shell cannot change what is measured.
-SERVER_SETTINGS = settings.ENV_NAMES
+SERVER_SETTINGS = tuple(Settings.names())
 
 
 class BenchError(Exception):
@@ -121,7 +121,7 @@ def write_vk(bb, circuit, out_dir, crs):
     os.makedirs(out_dir, exist_ok=True)
     bb_output([bb, "write_vk", "-b", circuit, "-o", out_dir, "-c", crs])
     with open(os.path.join(out_dir, "vk"), "rb") as f:
-        return bbformat.vk_log_circuit_size(f.read())
+        return formats.vk_log_circuit_size(f.read())
 
 
 def verify(bb, vk, proof, public_inputs, crs):
@@ -313,7 +313,7 @@ class CpuMeter:
 class Server(support.Server):
     """Our worker (support.Server) for one circuit, as the benchmark runs it.
 
-    env: settings for settings.py (str values), on top of a cleared set of
+    env: the server's settings (str values), on top of a cleared set of
     SERVER_SETTINGS. `run_dir` gets the server's TMPDIR, VK cache and log. stop()
     also kills whatever the server left running.
     """

@@ -32,7 +32,8 @@ import sys
 import time
 from datetime import datetime, timezone
 
-import bbrunner
+from bbworker.bbrunner import formats
+from bbworker.settings import Settings
 from bench import dev_crs, measure, report
 from tests import support
 from bench.measure import BenchError
@@ -517,7 +518,7 @@ def crs_check(opts, real, dev, work):
     with open(os.path.join(out, "proof"), "rb") as f:
         proof = f.read()
     with open(os.path.join(out, "public_inputs"), "rb") as f:
-        pis = bbrunner.parse_public_inputs(f.read())
+        pis = formats.parse_public_inputs(f.read())
     rejected = not measure.verify(bb, vk_dev, proof, pis, dev)
     rec = {"log": log, "real": times["real"], "dev": times["dev"], "dev_proof_rejected": rejected}
     progress(f"CRS check 2^{log}: real {statistics.median(times['real']) * 1000:.0f} ms, "
@@ -528,11 +529,9 @@ def crs_check(opts, real, dev, work):
 # ---------------------------------------------------------------- environment
 
 def default_limit():
-    """MAX_CONCURRENT_PROOFS as settings.py sets it when the variable is unset (int)."""
+    """MAX_CONCURRENT_PROOFS as the server sets it when the variable is unset (int)."""
     env = {k: v for k, v in os.environ.items() if k not in measure.SERVER_SETTINGS}
-    out = subprocess.run([sys.executable, "-c", "import settings; print(settings.MAX_CONCURRENT_PROOFS)"],
-                         cwd=ROOT, env=env, capture_output=True, text=True, timeout=60, check=True)
-    return int(out.stdout.strip())
+    return Settings.from_environ(env).max_concurrent_proofs
 
 
 def machine_info(bb):

@@ -1,14 +1,15 @@
 """Compute the circuit's verification key ahead of time, and give bb the CRS it needs.
 
 Used by the Dockerfile's build stage (so the image's first request is as fast as
-the rest and the server never writes its VK cache) and by tests/test_image.py.
+the rest and the server never writes its VK cache) and by tests/packaging/test_image.py.
 
     python3 scripts/precompute_vk.py
-        Compute the VK of the configured circuit (settings.py: CIRCUIT_PATH, and
+        Compute the VK of the configured circuit (bbworker.settings: CIRCUIT_PATH, and
         every *.json in CIRCUITS_DIR if set; BB_BINARY, BB_CRS_PATH, VERIFIER_TARGET,
-        VK_CACHE_DIR) into VK_CACHE_DIR with bbrunner.Circuit.ensure_vk: the same
-        cache key the server computes, so a server with the same circuit, bb and
-        target finds it without writing.
+        VK_CACHE_DIR) into VK_CACHE_DIR with the server's own VerificationKey.ensure():
+        the same cache key the server computes, so a server with the same circuit, bb
+        and target finds it without writing. Needs the package `bbworker` importable
+        (the venv has it installed; the image build sets PYTHONPATH).
 
     python3 scripts/precompute_vk.py crs --bb BB --circuit CIRCUIT [--circuit ...] --crs DIR [--points N] [--target T]
         Make DIR a CRS that covers the circuits: run `bb write_vk` once per circuit into a
@@ -30,7 +31,6 @@ import subprocess
 import sys
 import tempfile
 
-PROJECT_DIR = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 G1_FILE = "bn254_g1.dat"
 POINT_BYTES = 64
 FIELD_BYTES = 32
@@ -132,37 +132,40 @@ def crs_main(args):
 # ---------------------------------------------------------------- vk step
 
 def vk_main():
-    sys.path.insert(0, PROJECT_DIR)
-    try:
-        import settings
-    except ValueError as exc:  # settings.ConfigError
-        raise PrecomputeError(f"bad configuration: {exc}") from None
-    import bbrunner
+    from bbworker import bbrunner
+    from bbworker.errors import ProverError
+    from bbworker.settings import ConfigError, Settings
 
-    bb = bbrunner.BB(**settings.BB_OPTIONS)
+    try:
+        settings = Settings.from_environ(os.environ)
+    except ConfigError as exc:
+        raise PrecomputeError(f"bad configuration: {exc}") from None
+    bb = bbrunner.BB(settings.bb_binary, settings.bb_crs_path, settings.prove_timeout_seconds,
+                     settings.verifier_target, settings.bb_memory_limit_mb)
     status = bb.status()
     if not status.available:
         raise PrecomputeError(f"bb is not available: {status.detail}")
-    version = status.version
     largest = 0
-    for circuit in settings.CIRCUITS.values():  # what the server serves
+    for circuit in settings.circuits.values():  # what the server serves
         try:
-            vk = bbrunner.Circuit(bb, circuit, settings.VK_CACHE_DIR).ensure_vk()
-        except (bbrunner.ProverError, OSError) as exc:
-            raise PrecomputeError(f"could not compute the verification key of {circuit}: {exc}") from None
+            vk = bbrunner.Circuit(bb, circuit, settings.vk_cache_dir).vk.ensure()
+        except (ProverError, OSError) as exc:
+            raise PrecomputeError(f"could not compute the verification key of {circuit}: "
+                                  f"{getattr(exc, 'detail', exc)}") from None
         k = vk_log_size(vk)
         largest = max(largest, k)
-        print(f"VK of {circuit} (bb {version}, target {settings.VERIFIER_TARGET or 'default'}) "
+        print(f"VK of {circuit} (bb {status.version}, target {settings.verifier_target or 'default'}) "
               f"at {vk}; the circuit has 2^{k} rows")
-    if settings.BB_CRS_PATH:
-        lock = os.path.join(settings.BB_CRS_PATH, "crs.lock")
+    crs = settings.bb_crs_path
+    if crs:
+        lock = os.path.join(crs, "crs.lock")
         if os.path.isfile(lock) and os.path.getsize(lock) == 0:
             os.unlink(lock)  # bb's (empty) lock file: only the CRS goes into the image
-        have = crs_points(settings.BB_CRS_PATH)
+        have = crs_points(crs)
         if have < (1 << largest):
-            raise PrecomputeError(f"{settings.BB_CRS_PATH} has {describe_size(have)}; the circuits "
+            raise PrecomputeError(f"{crs} has {describe_size(have)}; the circuits "
                                   f"need {describe_size(points_needed(largest))}")
-        print(f"CRS at {settings.BB_CRS_PATH}: {describe_size(have)}")
+        print(f"CRS at {crs}: {describe_size(have)}")
 
 
 # ---------------------------------------------------------------- main

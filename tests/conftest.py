@@ -1,35 +1,14 @@
 """Shared test fixtures: the real bb, a writable CRS, live gunicorn servers, bb verify.
 
-Helpers the benchmark shares (Server, request, /proc) live in support.py.
+Helpers (fixture files, Server, HTTP, /proc) live in support.py, shared with the benchmark.
 """
-import json
 import os
 import shutil
 import subprocess
-import sys
-import textwrap
 
 import pytest
 
-from support import FAKE_BB, ROOT, Server
-
-FIXTURES = os.path.join(ROOT, "tests", "fixtures")
-CIRCUIT = os.path.join(ROOT, "circuit.json")
-SHARED_CRS = os.path.join(os.path.dirname(ROOT), "shared", "crs")
-BB = os.environ.get("BB_BINARY") or os.path.join(ROOT, ".bb", "bb")
-VALID = ["valid_1.gz", "valid_2.gz", "valid_3.gz"]
-
-sys.path.insert(0, ROOT)
-
-
-def fixture_bytes(name):
-    with open(os.path.join(FIXTURES, name), "rb") as f:
-        return f.read()
-
-
-def expected():
-    with open(os.path.join(FIXTURES, "expected.json")) as f:
-        return json.load(f)
+from support import BB, CIRCUIT, FAKE_BB, SHARED_CRS, Server, crs_args
 
 
 # ---------------------------------------------------------------- bb and the CRS
@@ -50,10 +29,6 @@ def crs_dir(tmp_path_factory):
             shutil.copyfile(os.path.join(SHARED_CRS, name), target / name)
         return str(target)
     return os.environ.get("BB_CRS_PATH") or None  # None: bb's default ~/.bb-crs
-
-
-def crs_args(crs_dir):
-    return ["-c", crs_dir] if crs_dir else []
 
 
 @pytest.fixture(scope="session")
@@ -83,7 +58,7 @@ def verify(bb, crs_dir, reference_vk, tmp_path_factory):
 
 @pytest.fixture
 def fake_bb(tmp_path):
-    """Path of a copy of tests/fakebb/bb (its docstring lists the FAKE_BB_* variables).
+    """Path of a copy of tests/programs/fakebb/bb (its docstring lists the FAKE_BB_* variables).
 
     A copy per test, so bb_processes(fake_bb) sees only this test's runs.
     """
@@ -123,9 +98,3 @@ def server(tmp_path_factory, crs_dir):
     srv = Server(str(tmp_path_factory.mktemp("server")), env).wait_ready()
     yield srv
     srv.stop()
-
-
-def write_script(path, text):
-    path.write_text(textwrap.dedent(text))
-    path.chmod(0o755)
-    return str(path)
