@@ -1,6 +1,6 @@
 """Build the production image from the Dockerfile with buildah, for each architecture asked for.
 
-What `make image-test` runs before it starts the images (tests/image_engine.py), on a
+What `make image-test` runs before it starts the images (tests/packaging/image_engine.py), on a
 Debian 12 machine as root with no image registry in reach:
 
 1. installs what is missing with apt: podman, buildah, runc, mmdebstrap,
