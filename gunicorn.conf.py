@@ -52,6 +52,7 @@ logconfig_dict = logs.config(settings.log_level, settings.log_format)
 # The master never imports app.py (no preload: a HUP reloads the code); workers do.
 _hooks = Hooks(settings)
 on_starting = _hooks.on_starting
+on_reload = _hooks.on_reload
 post_fork = _hooks.post_fork
 post_worker_init = _hooks.post_worker_init
 pre_request = _hooks.pre_request

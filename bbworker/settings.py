@@ -212,10 +212,10 @@ class _Reader:
         return raw
 
     def tokens(self, name):
-        raw = self.raw(name, None)
+        raw = self.environ.get(name)
         tokens = tuple(t.strip() for t in (raw or "").split(",") if t.strip())
-        if raw is not None and not tokens:  # "," would silently turn authentication off
-            raise ConfigError(f"{name}={raw!r} holds no token (unset it to run without tokens)")
+        if raw is not None and not tokens:  # "," or an empty secret would silently turn authentication off
+            raise ConfigError(f"{name}={raw.strip()!r} holds no token (unset it to run without tokens)")
         return tokens
 
     def token_file(self, name):

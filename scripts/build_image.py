@@ -28,10 +28,10 @@ import subprocess
 import sys
 import time
 
+import base_images  # beside this script: Python puts the script's own directory on sys.path
+
 PROJECT_DIR = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SHARED_CRS = os.path.join(os.path.dirname(PROJECT_DIR), "shared", "crs")
-sys.path.insert(0, os.path.join(PROJECT_DIR, "scripts"))
-import base_images  # noqa: E402
 
 APT_PACKAGES = {"podman": "podman", "buildah": "buildah", "runc": "runc", "mmdebstrap": "mmdebstrap",
                 "qemu-aarch64-static": "qemu-user-static", "update-binfmts": "binfmt-support"}

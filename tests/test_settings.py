@@ -78,7 +78,7 @@ BAD = [
     ("PROOF_RESPONSE_FORMAT", "xml"), ("LOG_FORMAT", "yaml"), ("LOG_LEVEL", "loud"),
     ("VERIFIER_TARGET", "evm2"),
     ("VERIFY_PROOFS", "maybe"), ("VERIFY_PROOFS", "2"),
-    ("API_TOKENS", ","), ("API_TOKENS", " , ,"),
+    ("API_TOKENS", ","), ("API_TOKENS", " , ,"), ("API_TOKENS", ""), ("API_TOKENS", "  "),  # an empty secret: no auth
     ("CORS_ALLOW_ORIGINS", "https://a.example/"), ("CORS_ALLOW_ORIGINS", "*, https://a.example"),
     ("FORWARDED_ALLOW_IPS", "proxy.local"), ("FORWARDED_ALLOW_IPS", "127.0.0.1,10.0.0.0/33"),
     ("HARDWARE_CONCURRENCY", "x"), ("HARDWARE_CONCURRENCY", "0"),

@@ -240,6 +240,8 @@ def _witness_map(stack):
     item = items[0]
     if not (isinstance(item, list) and len(item) == 2 and type(item[0]) is int and isinstance(item[1], dict)):
         raise BadRequest("the witness stack item is not [function_index, {witness: value}]")
+    if not 0 <= item[0] < 1 << 32:  # bb reads a u32 ("error converting into field StackItem::index")
+        raise BadRequest(f"the witness stack item's function index {item[0]} is not an unsigned 32-bit integer")
     if not item[1]:
         raise BadRequest("the witness map is empty")
     return item[1]

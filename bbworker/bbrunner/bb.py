@@ -10,6 +10,7 @@ import struct
 import time
 from collections import namedtuple
 
+import gevent
 from gevent.lock import Semaphore
 
 from bbworker import files
@@ -53,14 +54,22 @@ class BB:
         """The CRS directory bb reads (str): crs_dir, else bb's default."""
         return self.crs_dir or DEFAULT_CRS_DIR
 
-    def status(self):
+    def status(self, wait=None):
         """Return a Status about bb, cheaply.
 
         Runs `bb --version` and reads the ELF header only the first time and again
         when the file changes (files.stamp), or VERSION_RETRY_SECONDS after a
         failure; otherwise one stat() and one access() call. Callers that ask while
-        `bb --version` runs wait for that run's answer (one run at a time).
+        `bb --version` runs wait for that run's answer (one run at a time). wait: at most
+        this many seconds for it (None: as long as it takes); past them the Status says
+        "starting: bb --version is running" (health checks answer while a slow bb starts).
         """
+        if wait is not None:
+            reader = gevent.spawn(self.status)
+            reader.join(wait)
+            if reader.ready():
+                return reader.get()
+            return Status(False, None, "starting: bb --version is running")
         try:
             signature = files.stamp(self.binary)
         except OSError as exc:

@@ -63,8 +63,9 @@ class Circuit:
         """Why a proof of this circuit cannot succeed now (list of str; empty: it can).
 
         Cheap: a few stat() calls, the VK read once. "starting: ..." until the VK is computed;
-        then the CRS must hold the 2^k G1 points the VK's circuit size k needs. Says nothing
-        while bb itself is unusable (the caller reports that).
+        then the CRS must hold the 2^k G1 points the VK's circuit size k needs, and (when proofs
+        are verified) be the Ignition ceremony's. Says nothing while bb itself is unusable (the
+        caller reports that).
         """
         try:
             vk = os.path.join(self.vk.directory(), "vk")
@@ -83,6 +84,12 @@ class Circuit:
         need = formats.crs_points_needed(log_n)
         if points < need:
             return [f"CRS too small: {self.bb.crs} holds {points} G1 points; this circuit (2^{log_n} rows) needs {need}"]
+        try:
+            if self.verify_proofs and not formats.crs_is_ignition(self.bb.crs):
+                return [f"CRS not the Aztec Ignition ceremony's: {self.bb.crs}/{formats.G1_FILE} (bb verify pins its "
+                        "G2 point, so every proof would fail verification; VERIFY_PROOFS=0 serves it unverified)"]
+        except OSError as exc:
+            return [f"CRS unavailable: {self.bb.crs}: {exc.strerror}"]
         return []
 
     # -- proving

@@ -19,6 +19,10 @@ import stat
 
 G1_FILE = "bn254_g1.dat"
 G1_POINT_BYTES = 64
+# Point 1 of the Aztec Ignition ceremony's G1 points, [x]_1 (x then y, big-endian): bb 5's verifier
+# pins the ceremony's [x]_2, so with any other CRS every proof fails verification.
+IGNITION_X1 = bytes.fromhex("2d360628289ff943ff6bd1a87bbe4e62abe7fb61ba83effd266f22bdcf31e6f9"
+                            "26b92a79e563c3f48252cce7feeca2f0f8d33dcb4ef7b0643bf07bd405700aaa")
 FIELD_BYTES = 32  # a BN254 field element, big-endian: VK, proof and public_inputs files, witness values
 # The BN254 scalar field modulus: witness values and public inputs are field elements below it.
 FIELD_MODULUS = 0x30644E72E131A029B85045B68181585D2833E84879B9709143E1F593F0000001
@@ -42,6 +46,15 @@ def crs_points(crs_dir):
         return os.stat(os.path.join(crs_dir, G1_FILE)).st_size // G1_POINT_BYTES
     except FileNotFoundError:
         return 0
+
+
+def crs_is_ignition(crs_dir):
+    """True when `crs_dir`'s bn254_g1.dat holds the Ignition ceremony's point 1 (IGNITION_X1), or is too
+    short to tell (the points check says so); False for another CRS. Raises OSError."""
+    with open(os.path.join(crs_dir, G1_FILE), "rb") as f:
+        f.seek(G1_POINT_BYTES)
+        point = f.read(G1_POINT_BYTES)
+    return len(point) < G1_POINT_BYTES or point == IGNITION_X1
 
 
 def crs_points_needed(log_n):

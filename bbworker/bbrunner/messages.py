@@ -35,6 +35,7 @@ SIGNATURES = (
     (ProverFailed, (UNSATISFIED,
                     b"does not match max witness index",  # witness of another circuit
                     b"deserialize_msgpack",  # not a witness stack
+                    b"StackItem::index",  # a function index that is not a u32
                     b"insufficient bytes",  # truncated msgpack
                     b"Invalid gzip data")),
 )

@@ -68,13 +68,20 @@ def _start(argv, **popen_args):
     gevent's Popen waits cooperatively for the child's exec, so an exception raised into
     the calling greenlet meanwhile (a client hang-up, a gevent Timeout) would leave a bb
     running that nobody kills. The start runs in a greenlet of its own; when the caller is
-    interrupted, kill_group() runs on the child as soon as it exists.
+    interrupted, it waits for the start (milliseconds) and kills the child before the
+    exception goes on, so the caller's clean-up (removing bb's output directory) runs after
+    bb is gone. Interrupted again meanwhile, kill_group() runs as soon as the child exists.
     """
     starter = gevent.spawn(subprocess.Popen, argv, **popen_args)
     try:
         return starter.get()
     except BaseException:
-        starter.link_value(lambda done: kill_group(done.value))  # at once if it already started
+        try:
+            child = starter.get()
+        except BaseException:  # interrupted again, or the start itself failed
+            starter.link_value(lambda done: kill_group(done.value))
+        else:
+            kill_group(child)
         raise
 
 

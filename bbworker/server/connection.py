@@ -15,6 +15,7 @@ connection's first request), from which the access log counts a request's durati
 `watch_hangup` tells a client that is gone from one that only closed its write
 side (`shutdown(SHUT_WR)`, what `nc -N` does) and still waits for its reply.
 """
+import contextlib
 import select
 import socket
 import ssl
@@ -64,7 +65,9 @@ def post_request(worker, req, environ, resp):
     sock = environ.get("gunicorn.socket") if environ else None
     if state is None or sock is None or not req.must_close or environ.get("bb_worker.body_read"):
         return
-    linger(sock)
+    lingering = getattr(worker, "lingering", None)  # server.worker: a full worker may cut it short
+    with lingering() if lingering is not None else contextlib.nullcontext():
+        linger(sock)
 
 
 def linger(sock):

@@ -123,6 +123,16 @@ class Hooks:
                          f"for circuit {name} (bb {status.version}, VERIFIER_TARGET={s.verifier_target or ''}): "
                          "make it writable or bake the VK in (scripts/precompute_vk.py)")
 
+    def on_reload(self, server):
+        """In the master, on SIGHUP: mark the reload, so the workers it replaces stay ready while
+        they finish (a SIGTERM to them is no stop of the server)."""
+        master = getattr(server, STATE, None)
+        if master is not None and master.run_dir is not None:
+            try:
+                rundir.mark_reload(master.run_dir)
+            except OSError as exc:
+                server.log.warning("cannot mark the reload in %s: %s", master.run_dir.path, exc)
+
     def post_fork(self, server, worker):
         """In each worker, before it loads the app: the settings the worker class reads."""
         worker.header_timeout = self.settings.header_timeout_seconds

@@ -18,6 +18,7 @@ from bbworker import files
 RUN_PREFIX = "bb-worker-run-"
 RUN_DIR_ENV = "BB_WORKER_RUN_DIR"  # the master names the server's run directory here for its workers
 OWNER_LOCK = "owner.lock"
+RELOADED = "reloaded"  # written by the master when gunicorn reloads (SIGHUP): its mtime says when
 STALE_GRACE_SECONDS = 60.0  # a run dir without its lock file is removed only when older than this
 
 
@@ -95,6 +96,23 @@ def clean_stale(parent, grace=STALE_GRACE_SECONDS):
         finally:
             os.close(fd)
     return removed
+
+
+def mark_reload(run_dir):
+    """In the master, as gunicorn reloads (its on_reload hook): note the time in `run_dir` (a ServerDir)."""
+    path = os.path.join(run_dir.path, RELOADED)
+    with open(path, "w") as f:
+        f.write(f"{time.time()}\n")
+
+
+def reloaded_since(when):
+    """True when the server's master started a reload after `when` (time.time() seconds): a worker
+    told to stop then is being replaced, not the server stopped. False outside gunicorn."""
+    run_dir = os.environ.get(RUN_DIR_ENV)
+    try:
+        return bool(run_dir) and os.stat(os.path.join(run_dir, RELOADED)).st_mtime >= when
+    except OSError:
+        return False
 
 
 class WorkerDir:

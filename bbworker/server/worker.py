@@ -31,7 +31,7 @@ from gunicorn.http.wsgi import base_environ
 from gunicorn.workers import ggevent
 
 from bbworker.errors import Error, ProtocolError
-from bbworker.server import connection
+from bbworker.server import connection, rundir
 
 REFUSED = "bb_worker.refused"  # environ key: the Error a request gunicorn refused ends with
 MESSAGE_CHARS = 256  # of gunicorn's message, which may quote the client's bytes
@@ -92,6 +92,37 @@ class HeadDeadline:
             self.began = time.monotonic()  # the head came in one piece while the handler waited for it
         self.watcher.kill(block=False)
         self.timeout.close()
+        return value is self.timeout
+
+
+class Lingering:
+    """A connection closing after its reply (connection.linger) while the `with` body runs: the first
+    one dropped when the worker is full (`waiting`: the worker's ordered dict; it goes to its front).
+    expire() ends the linger at once; the `with` swallows that."""
+
+    def __init__(self, waiting):
+        self.waiting = waiting
+        self.active = False
+
+    def __enter__(self):
+        self.handler = gevent.getcurrent()
+        self.entered = time.monotonic()
+        self.timeout = gevent.Timeout()  # never started: only thrown by expire()
+        self.active = True
+        self.waiting[self.handler] = self
+        self.waiting.move_to_end(self.handler, last=False)
+        return self
+
+    def expire(self):
+        gevent.get_hub().loop.run_callback(self._expire)
+
+    def _expire(self):
+        if self.active:
+            self.handler.throw(self.timeout)
+
+    def __exit__(self, typ, value, tb):
+        self.active = False
+        self.waiting.pop(self.handler, None)
         return value is self.timeout
 
 
@@ -180,6 +211,7 @@ class GeventWorker(ggevent.GeventWorker):
 
     def __init__(self, *args, **kwargs):
         super().__init__(*args, **kwargs)
+        self.booted = time.time()  # wall clock: compared with the master's reload mark (rundir)
         self._clients = {}  # handler greenlet -> its Client
         self._waiting = collections.OrderedDict()  # handler greenlet -> HeadDeadline, waiting longest first
         places = f"all {self.worker_connections} connections (worker_connections)"
@@ -196,8 +228,13 @@ class GeventWorker(ggevent.GeventWorker):
         finally:
             self._clients.pop(me, None)
 
+    def lingering(self):
+        """A context manager for a connection's lingering close: droppable first when the worker is full."""
+        return Lingering(self._waiting)
+
     def _make_room(self):
-        """Every place is taken (gevent accepts no more): drop the connection waiting longest for a head."""
+        """Every place is taken (gevent accepts no more): drop a connection lingering after its reply,
+        else the one waiting longest for a head."""
         while self._waiting:
             _, deadline = self._waiting.popitem(last=False)  # never chosen twice
             if deadline.active:
@@ -243,7 +280,8 @@ class GeventWorker(ggevent.GeventWorker):
             return
         try:
             util.write(client, reply)
-            connection.linger(client)
+            with self.lingering():
+                connection.linger(client)
         except OSError:  # the client is gone
             self.log.debug("Failed to send error message.")
 
@@ -260,10 +298,11 @@ class GeventWorker(ggevent.GeventWorker):
         return ("\r\n".join(lines) + "\r\n\r\n").encode("latin-1") + body
 
     def handle_exit(self, sig, frame):
-        """SIGTERM (a stop, or a HUP's replacement): graceful stop; stopping() is True from here on,
-        and idle keep-alive connections are closed (close_idle)."""
+        """SIGTERM (a stop, or a HUP's replacement): graceful stop, and idle keep-alive connections
+        are closed (close_idle). stopping() is True from here on unless the master is reloading
+        (rundir.reloaded_since: its new workers serve, and so does this one until it exits)."""
         global _stopping
-        _stopping = True
+        _stopping = not rundir.reloaded_since(self.booted)
         super().handle_exit(sig, frame)
         gevent.get_hub().loop.run_callback(self.close_idle)
 

@@ -107,36 +107,39 @@ class ProofQueue:
             raise Busy(f"{self.queued} proof requests already queued; retry later", retry_after=1)
 
     @contextmanager
-    def admit(self):
-        """Count a proof request as uploading for the `with` body; yields its Ticket.
+    def admit(self, proof=True):
+        """Count a request as uploading for the `with` body; yields its Ticket.
 
-        The request counts in metrics.PROOF_REQUESTS until the `with` body ends.
-
-        Raises Busy (503, Retry-After: 1) when the queue is full (the request could not
-        wait once uploaded), or when max_uploading requests are uploading already and
-        none of them can be preempted (slowest_upload).
+        proof: a proof request, which counts in metrics.PROOF_REQUESTS until the `with` body ends,
+        and is refused when the queue is full (it could not wait once uploaded). A verification's
+        body (proof=False) takes an uploading place too: slow bodies of either kind are bounded
+        together. Raises Busy (503, Retry-After: 1) when the queue is full, or when max_uploading
+        requests are uploading already and none of them can be preempted (slowest_upload).
         """
-        self.check_queued()
+        if proof:
+            self.check_queued()
         if self.uploading >= self.max_uploading:
             victim = slowest_upload(self.uploads, time.monotonic())
             if victim is None:
-                raise Busy(f"{self.uploading} proof requests already uploading; retry later", retry_after=1)
+                raise Busy(f"{self.uploading} requests already uploading; retry later", retry_after=1)
             self.preempt(victim)
         ticket = Ticket(self, gevent.getcurrent())
         self.uploads.add(ticket)
-        metrics.PROOF_REQUESTS.inc()
+        if proof:
+            metrics.PROOF_REQUESTS.inc()
         try:
             yield ticket
         finally:
             ticket.leave()
-            metrics.PROOF_REQUESTS.dec()
+            if proof:
+                metrics.PROOF_REQUESTS.dec()
 
     def preempt(self, ticket):
         """Stop counting `ticket`'s upload and end it with 408 "upload too slow" in its greenlet."""
         elapsed = time.monotonic() - ticket.started
         received = ticket.progress()
         self.stop_uploading(ticket)
-        log.warning("preempting a slow upload (%d bytes in %.1f s) for a new proof request", received, elapsed)
+        log.warning("preempting a slow upload (%d bytes in %.1f s) for a new request", received, elapsed)
         ticket.preempted = UploadTooSlow(
             f"upload too slow: {received} bytes in {elapsed:.1f} s; another request took its place")
         if ticket.greenlet is not None:
@@ -179,19 +182,30 @@ class ProofQueue:
 class VerifyLimit:
     """At most `count` verifications at once in this process, apart from the proof slots.
 
-    A request waits up to `wait` seconds for its turn, then gets Busy (503): bb
-    verify takes milliseconds, so a longer line means the worker is flooded.
+    A request waits up to `wait` seconds for its turn, then gets Busy (503): bb verify takes
+    milliseconds, so a longer line means the worker is flooded. At most `max_waiting`
+    requests wait (default 8 per place); one more is Busy at once, holding nothing.
     """
 
-    def __init__(self, count, wait=1.0):
+    def __init__(self, count, wait=1.0, max_waiting=None):
         self.count = count
         self.wait = wait
+        self.max_waiting = max_waiting or 8 * count
+        self.waiting = 0
         self._running = BoundedSemaphore(count)
 
     @contextmanager
     def slot(self):
-        """Hold one of the `count` places for the `with` body; raises Busy after `wait` seconds."""
-        if not self._running.acquire(timeout=self.wait):
+        """Hold one of the `count` places for the `with` body; raises Busy after `wait` seconds, or at
+        once when max_waiting requests wait already."""
+        if self.waiting >= self.max_waiting and self._running.locked():
+            raise Busy(f"{self.waiting} verifications already waiting; retry later", retry_after=1)
+        self.waiting += 1
+        try:
+            acquired = self._running.acquire(timeout=self.wait)
+        finally:
+            self.waiting -= 1
+        if not acquired:
             raise Busy(f"all {self.count} verification slots busy; retry later", retry_after=1)
         try:
             yield

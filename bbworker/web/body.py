@@ -167,6 +167,8 @@ def parse_verify_request(body, content_type, public_inputs_header, shape=None):
             request = json.loads(body)
         except (ValueError, UnicodeDecodeError):
             raise BadRequest("body is not JSON") from None
+        except RecursionError:  # arrays or objects nested thousands deep
+            raise BadRequest("body is JSON nested too deep") from None
         if not isinstance(request, dict):
             raise BadRequest('body must be a JSON object {"proof": <base64>, "publicInputs": [...]}')
         unknown = sorted(set(request) - {"proof", "publicInputs", "success"})  # /api/prove's reply as it is

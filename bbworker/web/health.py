@@ -16,6 +16,7 @@ from bbworker import files
 from bbworker.errors import CrsUnavailable
 
 CRS_RETRY_AFTER_SECONDS = CrsUnavailable.retry_after
+STATUS_WAIT_SECONDS = 0.25  # a health check waits at most this long for a `bb --version` to end
 
 
 class Health:
@@ -42,9 +43,9 @@ class Health:
         problems = []
         if self.stopping():
             problems.append("stopping: SIGTERM received; the requests in flight finish, no new ones")
-        status = self.bb.status()
+        status = self.bb.status(wait=STATUS_WAIT_SECONDS)
         if not status.available:
-            problems.append(f"bb is not usable: {status.detail}")
+            problems.append(status.detail if status.detail.startswith("starting") else f"bb is not usable: {status.detail}")
         return problems + self.work_dir_problems() + self.slots()
 
     def work_dir_problems(self):
@@ -89,7 +90,7 @@ class Health:
         "circuits": {name: {"ready", "reasons"}} when several circuits are served.
         Ready only when every circuit is.
         """
-        status = self.bb.status()
+        status = self.bb.status(wait=STATUS_WAIT_SECONDS)
         server = self.server_problems()
         reasons = list(server)
         circuits = {}

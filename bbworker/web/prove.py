@@ -112,8 +112,8 @@ class ProveHandler:
         except ProverError as exc:
             error = self.service.failed(environ, exc, name, grant)
             level = logging.ERROR if environ["bb_worker.fault"] == "server" else logging.WARNING
-            log.log(level, "request %s: %s (%s fault): %s", environ["bb_worker.request_id"], type(exc).__name__,
-                    environ["bb_worker.fault"], exc.message)
+            log.log(level, "request %s: %s (fault: %s): %s", environ["bb_worker.request_id"], type(exc).__name__,
+                    environ["bb_worker.fault"] or "nobody's", exc.message)
             raise error from None
         self.service.succeeded(name, result.proof, b"".join(bytes.fromhex(x[2:]) for x in result.public_inputs),
                                verified=self.service.circuits[name].verify_proofs)

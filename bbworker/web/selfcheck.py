@@ -7,17 +7,22 @@ inputs it controls, after the failure.
 
 - For a proof: Circuit.self_check computes the VK again (it must be the cached one: the CRS and bb
   are what every proof needs) and proves the server's own witness of the circuit (every value 0).
-- For a verification: bb verify of a reference proof must give the verdict it gave before. The
-  reference is the last proof this worker saw verify; knowing none, the server proves its own
-  witness once and keeps that proof and bb verify's verdict on it.
+  For a proof bb verify rejected, bb verify must also still accept a proof it accepted before.
+- For a verification: bb verify of a reference proof must give the verdict it gave before: the
+  last proof this worker saw verify, else proof-shaped bytes of the server's making, which bb
+  verify rejects (made_up_proof). bb verify running and judging is what a verification needs;
+  a check of this kind never proves, so it needs no proof slot.
 
 The check passes: the server works, so the request's input was at fault when bb judged it
 (`may_be_input`): the client gets the client's answer (422, or `{"valid": false}`), and readiness
 does not move, whatever the client sent. The check fails: the fault is ours. Readiness answers 503
 with the check's reason, and the check runs again in the background (after 5 s, doubling up to
-60 s) until it passes. Requests that fail while a check runs share its verdict when it started
+60 s) until it passes. A proof bb verify rejected, on a worker that has seen no proof verify yet,
+cannot be judged either way (the own witness rarely satisfies the circuit): it stays ours, and
+readiness does not move. Requests that fail while a check runs share its verdict when it started
 after their failure, so a crowd of bad requests costs each at most one run of its own kind.
 """
+import hashlib
 import logging
 import os
 import time
@@ -27,16 +32,19 @@ import gevent
 from gevent.lock import Semaphore
 
 from bbworker import files
+from bbworker.bbrunner import formats
 from bbworker.errors import Busy, Error
 
 log = logging.getLogger("bb_worker")
-PROVE, VERIFY = "prove", "verify"  # the kinds of check: what failed, a bb prove or a bb verify
+# The kinds of check, by what failed: a bb prove; a proof bb verify rejected; a bb verify.
+PROVE, ACCEPT, VERIFY = "prove", "accept", "verify"
+UNKNOWN = "a check no run could decide"  # _run's answer when nothing the server knows can tell
 
 
 class SelfCheck:
     """The self-check of a worker's `circuits` (dict name -> bbrunner.Circuit).
 
-    queue: admission.ProofQueue (a check that proves and holds no slot takes one). work_dir:
+    queue: admission.ProofQueue (a proof's check holding no slot takes one). work_dir:
     rundir.WorkerDir (the check's files). cooldown, max_cooldown: seconds before the first and
     the longest wait between background checks while one fails. clock: monotonic seconds.
     """
@@ -58,20 +66,23 @@ class SelfCheck:
         the reference of later verification checks."""
         self._reference[name] = (proof, public_inputs, True)
 
-    def confirm(self, name, verifying=False, grant=None):
+    def confirm(self, name, verifying=False, grant=None, rejected=False):
         """True when the server works for circuit `name`, by a check started after this call: a
         request's failure was its input's. False when the check fails: readiness reports it from
-        now on. verifying: the failure was a `bb verify`'s. grant: the request's proof slot (a
-        scheduler.Grant) for a check that proves, else one is taken. Raises Busy when no slot
-        frees up for the check.
+        now on. None when nothing the server knows can decide (see the module). verifying: the
+        failure was a `bb verify`'s; rejected: bb verify rejected the proof bb prove wrote. grant:
+        the request's proof slot (a scheduler.Grant) for a check that proves, else one is taken.
+        Raises Busy when no slot frees up for the check.
         """
-        kind = VERIFY if verifying else PROVE
+        kind = VERIFY if verifying else ACCEPT if rejected else PROVE
         failed_at = self.clock()
         with self._locks[name]:  # one check at a time: the others share its verdict
             if name not in self._failed and self._passed.get((name, kind), -1e18) >= failed_at:
                 return True
             started = self.clock()
             reason = self._run(name, kind, grant)
+            if reason is UNKNOWN:
+                return None
             if reason is None:
                 self._failed.pop(name, None)
                 self._passed[(name, kind)] = started
@@ -103,7 +114,7 @@ class SelfCheck:
                     reason = self._run(name, kind, None)
             except Busy:  # every slot stayed busy: try again later
                 pass
-            if reason is None:
+            if reason is None or reason is UNKNOWN:
                 log.info("circuit %s: the self-check passes again", name)
                 self._failed.pop(name, None)
                 self._passed[(name, kind)] = started
@@ -118,7 +129,10 @@ class SelfCheck:
         try:
             files.private_dir(self.work_dir.path)
             os.mkdir(scratch, 0o700)
-            if kind == VERIFY and name in self._reference:
+            if kind == VERIFY:  # bb verify must judge a proof it judged before as it did then
+                if name not in self._reference:
+                    proof, public_inputs = made_up_proof(circuit.proof_shape())
+                    self._reference[name] = (proof, public_inputs, _verify(circuit, scratch, proof, public_inputs))
                 proof, public_inputs, verdict = self._reference[name]
                 if _verify(circuit, scratch, proof, public_inputs) != verdict:
                     return f"bb verify now says {'no' if verdict else 'yes'} to a proof it said {verdict} to before"
@@ -128,11 +142,12 @@ class SelfCheck:
             else:
                 with self.queue.slot() as held:
                     circuit.self_check(scratch, keep_fds=held.fds, threads=held.threads)
-            proof_path = os.path.join(scratch, "proof")
-            if kind == VERIFY and os.path.exists(proof_path):  # the own witness's proof: the reference from now on
-                with open(proof_path, "rb") as f, open(os.path.join(scratch, "public_inputs"), "rb") as g:
-                    proof, public_inputs = f.read(), g.read()
-                self._reference[name] = (proof, public_inputs, _verify(circuit, scratch, proof, public_inputs))
+            if kind == ACCEPT:  # bb verify must still accept what it accepted
+                proof, public_inputs, verdict = self._reference.get(name, (None, None, False))
+                if not verdict:
+                    return UNKNOWN
+                if not _verify(circuit, scratch, proof, public_inputs):
+                    return "bb verify now rejects a proof it accepted before"
             return None
         except Busy:
             raise
@@ -152,3 +167,14 @@ def _verify(circuit, scratch, proof, public_inputs):
         with open(paths[-1], "wb") as f:
             f.write(data)
     return circuit.verify(*paths)
+
+
+def made_up_proof(shape):
+    """(proof, public inputs) bytes of the length `shape` (a bbrunner ProofShape) says, filled with
+    field elements derived from a counter (the same every time): something bb verify reads and rejects."""
+    fields = (shape.proof_bytes or formats.PROOF_FIELDS[None][0] * formats.FIELD_BYTES) // formats.FIELD_BYTES
+    count = shape.public_inputs if shape.public_inputs is not None else 0
+    made = [int.from_bytes(hashlib.sha256(i.to_bytes(4, "big")).digest(), "big") % formats.FIELD_MODULUS
+            for i in range(fields + count)]
+    data = b"".join(value.to_bytes(formats.FIELD_BYTES, "big") for value in made)
+    return data[:fields * formats.FIELD_BYTES], data[fields * formats.FIELD_BYTES:]

@@ -14,7 +14,7 @@ from collections import namedtuple
 import gevent
 
 from bbworker import files
-from bbworker.errors import ClientGone, Error, NotReady, ProofFailed, ProverError, ServiceUnavailable
+from bbworker.errors import ClientGone, Error, NotReady, ProofFailed, ProofRejected, ProverError, ServiceUnavailable
 
 log = logging.getLogger("bb_worker")
 
@@ -92,7 +92,7 @@ class ProverService:
                     self.compute_vk(circuit)
                     log.info("circuit %s: VK ready (bb %s)", name, circuit.bb.version())
                 except Error as exc:
-                    log.error("circuit %s: the verification key could not be computed: %s", name, exc.message)
+                    log.error("circuit %s: the verification key could not be computed: %s", name, exc.detail)
             gevent.sleep(delay)
             delay = min(delay * 2, WARM_UP_MAX_DELAY_SECONDS)
 
@@ -121,17 +121,19 @@ class ProverService:
 
         name: the circuit, when bb ran on the client's bytes (a witness, or a proof when
         `verifying`): a failure that looks like ours is then confirmed by the self-check (run in
-        `grant`, the request's proof slot, when it holds one). When the server works, a failure bb
-        can owe to its input (`may_be_input`) is the input's: 422 for a witness, invalid for a proof.
+        `grant`, the request's proof slot, when it holds one), which moves readiness when it fails.
+        When it shows the server works, a failure bb can owe to its input (`may_be_input`) is the
+        input's: 422 for a witness, invalid for a proof.
         Raises Busy when the self-check finds no proof slot.
         """
         environ["bb_worker.bb_exit_code"] = exc.returncode
-        if name is not None and exc.fault == "server" and self.selfcheck.confirm(name, verifying, grant) \
-                and exc.may_be_input:
-            if verifying:
-                return None
-            exc = ProofFailed(f"bb prove failed on this witness: {exc.detail} (the server proves its own "
-                              "witness of this circuit)")
+        if name is not None and exc.fault == "server":
+            works = self.selfcheck.confirm(name, verifying, grant, rejected=isinstance(exc, ProofRejected))
+            if works and exc.may_be_input:
+                if verifying:
+                    return None
+                exc = ProofFailed(f"bb prove failed on this witness: {exc.detail} (the server proves its own "
+                                  "witness of this circuit)")
         environ["bb_worker.outcome"], environ["bb_worker.fault"] = exc.outcome, exc.fault
         return exc
 

@@ -48,8 +48,12 @@ class VerifyHandler:
         limit = verify_body_limit(shape)
         refuse_oversized(environ, limit)
         sink = MemorySink(limit)
-        read_body(environ, sink, self.limits.upload_timeout, self.limits.upload_deadline)
-        environ["bb_worker.bytes_in"] = sink.received
+        with service.queue.admit(proof=False) as ticket:  # an uploading place, as a proof's body takes
+            ticket.progress = lambda: sink.received
+            try:
+                read_body(environ, sink, self.limits.upload_timeout, self.limits.upload_deadline)
+            finally:
+                environ["bb_worker.bytes_in"] = sink.received
         proof, public_inputs = parse_verify_request(sink.data(), environ.get("CONTENT_TYPE", ""),
                                                     environ.get("HTTP_X_PUBLIC_INPUTS"), shape)
         workdir = service.new_path(f"verify-{uuid.uuid4().hex}")

@@ -107,6 +107,15 @@ def test_a_valid_stack_passes_whatever_the_function_index():
     assert acir.check_witness(stack(None, items=[[5, VALID_MAP]]), DEMO) == 798
 
 
+@pytest.mark.parametrize("index", [-1, 1 << 32, 1 << 63])
+def test_a_function_index_that_is_not_a_u32_is_400(index):
+    """bb fails on it ("error converting into field StackItem::index") in a way no message of the
+    witness's explained: refused before bb, as the client's."""
+    with pytest.raises(BadRequest, match="not an unsigned 32-bit integer"):
+        acir.check_witness(stack(None, items=[[index, VALID_MAP]]), DEMO)
+    assert acir.check_witness(stack(None, items=[[(1 << 32) - 1, VALID_MAP]]), DEMO) == 798
+
+
 def test_a_stack_with_gaps_passes_bb_judges_it():
     """Noir may leave indices unassigned; bb fills them. Only bb can say whether constraints hold."""
     gappy = {k: v for k, v in VALID_MAP.items() if k != 10}

@@ -132,3 +132,21 @@ def test_parse_public_inputs_gives_0x_and_64_hex_digits_per_field():
 def test_parse_public_inputs_rejects_partial_fields(size):
     with pytest.raises(ValueError, match=str(size)):
         formats.parse_public_inputs(bytes(size))
+
+
+def test_the_ignition_crs_is_told_from_another(crs_dir, tmp_path):
+    """Point 1 of bn254_g1.dat is the ceremony's [x]_1 (bb verify pins its [x]_2): the real CRS passes,
+    one with another point 1 (a development CRS) does not, a CRS too short to tell passes (the points
+    check refuses it)."""
+    assert formats.crs_is_ignition(crs_dir)
+    with open(os.path.join(crs_dir, formats.G1_FILE), "rb") as f:
+        real = f.read(4 * formats.G1_POINT_BYTES)
+    assert real[64:128] == formats.IGNITION_X1
+    other = tmp_path / "other"
+    other.mkdir()
+    (other / formats.G1_FILE).write_bytes(real[:64] + real[128:192] + real[128:])
+    assert not formats.crs_is_ignition(str(other))
+    short = tmp_path / "short"
+    short.mkdir()
+    (short / formats.G1_FILE).write_bytes(real[:64])
+    assert formats.crs_is_ignition(str(short))

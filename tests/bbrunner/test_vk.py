@@ -77,7 +77,6 @@ def test_concurrent_ensure_in_greenlets_runs_bb_once(bb, crs_dir, tmp_path, coun
 
 VK_RACER = """\
 import os, sys, time
-sys.path.insert(0, {root!r})
 from bbworker.bbrunner import BB, Circuit
 from bbworker.bbrunner import bb as bb_module
 binary, circuit, cache, crs, log, go = sys.argv[1:]

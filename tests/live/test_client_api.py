@@ -272,6 +272,8 @@ def test_the_verify_in_prove_keeps_verify_timeout_seconds(start_server, tmp_path
     (b"\0" * 64, {"Content-Type": "application/octet-stream"}, "X-Public-Inputs"),
     (b"\0" * 64, {"Content-Type": "application/octet-stream", "X-Public-Inputs": "0x1,zz"}, "0x"),
     (b"", {"Content-Type": "application/octet-stream", "X-Public-Inputs": ""}, "empty"),
+    (b"[" * 5000 + b"]" * 5000, {"Content-Type": "application/json"}, "nested too deep"),  # was a 500, ours
+    (b'{"a":' * 3000 + b"1" + b"}" * 3000, {"Content-Type": "application/json"}, "nested too deep"),
 ])
 def test_bad_verify_input_is_400(server, body, headers, words):
     status, _, payload = request_json(server.port, "POST", "/api/verify", body, headers)

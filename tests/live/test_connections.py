@@ -155,6 +155,35 @@ def test_a_worker_replaced_stops_the_service_for_about_a_second_at_most(start_se
         assert status == 200 and verify(base64.b64decode(payload["proof"]), payload["publicInputs"])
 
 
+def test_readiness_stays_200_through_a_hup(start_server, capsys):
+    """A HUP replaces the workers: the old one gets SIGTERM as on a stop, but the server is not
+    stopping (the master marks the reload), so a load balancer never sees it unready."""
+    srv = start_server()
+    old = worker_pids(srv)
+    statuses, stop = [], threading.Event()
+
+    def probe():
+        while not stop.is_set():
+            try:
+                statuses.append(request(srv.port, "GET", "/api/health", timeout=5)[0])
+            except OSError as exc:
+                statuses.append(type(exc).__name__)
+            time.sleep(0.05)
+    poller = threading.Thread(target=probe)
+    poller.start()
+    time.sleep(0.3)
+    os.kill(srv.proc.pid, signal.SIGHUP)
+    assert wait_for(lambda: not alive(old[0]) and worker_pids(srv) and worker_pids(srv) != old, timeout=30)
+    time.sleep(0.5)
+    stop.set()
+    poller.join()
+    with capsys.disabled():
+        print(f"\nHUP: {len(statuses)} health probes, {sum(s != 200 for s in statuses)} not 200")
+    assert statuses and set(statuses) == {200}, statuses
+    srv.stop()
+    assert "stopping" not in srv.output().split("Handling signal: hup")[-1].split("Handling signal: term")[0]
+
+
 def _prove_or_fail(port):
     """POST /api/prove a valid witness: (status, JSON payload), or (the exception's name, None)."""
     try:

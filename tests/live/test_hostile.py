@@ -236,7 +236,7 @@ def test_slow_uploads_do_not_take_the_places_of_complete_requests(start_server, 
         start_trickler(srv.port, held)
         time.sleep(0.3)
         status, headers, payload = request_json(srv.port, "POST", "/api/prove", WITNESS)
-        assert status == 503 and payload["message"] == "3 proof requests already uploading; retry later"
+        assert status == 503 and payload["message"] == "3 requests already uploading; retry later"
         assert headers["retry-after"] == "1"
     finally:
         for sock in held:
@@ -396,3 +396,58 @@ def _answers(tls_connect):
             return read_reply(sock)[0] == 200
     except OSError:
         return False
+
+
+# ---------------------------------------------------------------- found by a QA pass
+
+def test_a_client_gone_right_after_sending_leaves_no_output_directory(start_server):
+    """HTTP/1.0 clients that send a proof and close their side at once count as gone while bb starts:
+    the bb started meanwhile made its `-o` directory again after the request's files were removed
+    (14 of 40 left an empty `<id>.out`). bb is now dead before the request's clean-up runs."""
+    srv = start_server()
+    head = f"POST /api/prove HTTP/1.0\r\nHost: x\r\nContent-Length: {len(WITNESS)}\r\n\r\n".encode()
+    for _ in range(40):
+        with connect(srv.port, timeout=10) as sock:
+            sock.sendall(head + WITNESS)
+            sock.shutdown(socket.SHUT_WR)
+            try:
+                while sock.recv(65536):
+                    pass
+            except OSError:
+                pass
+    assert wait_for(lambda: srv.leftovers() == [], timeout=10), srv.leftovers()
+
+
+def test_slow_verify_bodies_take_uploading_places_and_cannot_fill_the_worker(start_server, fake_bb, capsys):
+    """Verification bodies trickled a byte at a time were never bounded: 1,100 of them held every
+    connection for the whole upload deadline and /api/health stopped answering. They now take the
+    uploading places proofs take (MAX_UPLOADING_REQUESTS): the newest preempts the slowest or gets 503."""
+    srv = start_server(BB_BINARY=fake_bb, GUNICORN_CMD_ARGS="--worker-connections 100", UPLOAD_TIMEOUT_SECONDS=30)
+    socks, answers = [], []
+    head = request_head("/api/verify", {"Content-Type": "application/json", "Content-Length": "30000"})
+    for _ in range(150):
+        sock = connect(srv.port, timeout=30)
+        sock.sendall(head + b"{")
+        socks.append(sock)
+    latencies = []
+    for _ in range(10):
+        for sock in socks:  # a byte each, every round: alive, never done
+            try:
+                sock.sendall(b" ")
+            except OSError:
+                pass
+        started = time.monotonic()
+        assert request(srv.port, "GET", "/api/health", timeout=5)[0] == 200
+        latencies.append((time.monotonic() - started) * 1000)
+        time.sleep(0.2)
+    for sock in socks:
+        sock.settimeout(2)
+        try:
+            answers.append(read_reply(sock)[0])
+        except OSError:
+            answers.append(None)
+        sock.close()
+    with capsys.disabled():
+        print(f"\n150 trickled verify bodies, 100 connections: health max {max(latencies):.0f} ms; "
+              f"answers {dict((a, answers.count(a)) for a in set(answers))}")
+    assert answers.count(503) + answers.count(408) >= 150 - 16, "only the uploading places may wait"

@@ -211,7 +211,7 @@ def test_a_fault_the_self_check_confirms_takes_the_instance_out_until_it_passes(
     assert request(srv.port, "POST", "/api/prove", WITNESS)[0] == 200
 
 
-@pytest.mark.parametrize("mode", ["unknown", "segv", "nooutput", "shortproof", "unverified"])
+@pytest.mark.parametrize("mode", ["unknown", "segv", "nooutput", "shortproof"])
 def test_a_failure_only_the_clients_witness_causes_is_422_and_never_takes_the_instance_out(
         start_server, fake_bb, mode):
     """bb failing on one witness while it proves the server's own is the witness's fault, however it
@@ -256,7 +256,7 @@ def test_a_crs_changed_under_the_server_is_ours_and_readiness_says_so_until_rest
     assert request(srv.port, "POST", "/api/prove", WITNESS)[0] == 200
     original = (own_crs / G1).read_bytes()
     changed = bytearray(original)
-    changed[64:128], changed[128:192] = changed[128:192], changed[64:128]  # points 1 and 2 swapped
+    changed[128:192], changed[192:256] = changed[192:256], changed[128:192]  # points 2 and 3 swapped
     (own_crs / G1).write_bytes(bytes(changed))
     status, _, body = request_json(srv.port, "POST", "/api/prove", WITNESS)
     assert (status, body["error"]) == (500, "Proof failed verification"), body
@@ -265,6 +265,22 @@ def test_a_crs_changed_under_the_server_is_ours_and_readiness_says_so_until_rest
     (own_crs / G1).write_bytes(original)
     assert wait_for(lambda: health(srv)[0] == 200, timeout=20)
     assert request(srv.port, "POST", "/api/prove", WITNESS)[0] == 200
+
+
+def test_a_crs_that_is_not_the_ignition_ceremonys_is_not_ready_unless_proofs_go_unverified(start_server, own_crs):
+    """A development CRS (a known secret, bench/dev_crs.py) or another ceremony's: bb proves with it, but
+    bb verify pins the Ignition G2 point, so no proof would ever verify. Readiness says so at once."""
+    g1 = bytearray((own_crs / G1).read_bytes())
+    g1[64:128], g1[128:192] = g1[128:192], g1[64:128]  # point 1 is no longer Ignition's [x]_1
+    (own_crs / G1).write_bytes(bytes(g1))
+    srv = start_server(BB_CRS_PATH=own_crs, ready=False).wait_ready()
+    status, body = health(srv)
+    assert status == 503 and body["reasons"][0].startswith("CRS not the Aztec Ignition ceremony's"), body
+    status, _, body = request_json(srv.port, "POST", "/api/prove", WITNESS)
+    assert status == 503 and body["message"].startswith("CRS not the Aztec Ignition"), body
+    srv.stop()
+    unverified = start_server(BB_CRS_PATH=own_crs, VERIFY_PROOFS="0")  # the benchmark's way with a dev CRS
+    assert health(unverified)[0] == 200
 
 
 def test_a_slot_file_open_to_others_is_503_and_readiness_follows_both_ways(start_server, fake_bb):
@@ -283,6 +299,23 @@ def test_a_slot_file_open_to_others_is_503_and_readiness_follows_both_ways(start
     started = time.monotonic()
     assert [request(srv.port, "POST", "/api/prove", WITNESS)[0] for _ in range(3)] == [200] * 3
     assert time.monotonic() - started < 10, "a proof waited for a slot nobody held"
+
+
+def test_a_proof_bb_verify_rejects_is_the_witnesss_once_bb_verify_accepts_a_known_proof(start_server, fake_bb,
+                                                                                         tmp_path):
+    mode_file = tmp_path / "mode"
+    mode_file.write_text("unverified")  # bb proves a proof that bb verify rejects, without a builder failure
+    srv = start_server(BB_BINARY=fake_bb, FAKE_BB_MODE_FILE=mode_file, FAKE_BB_SPARE_OWN_WITNESS="1")
+    status, _, body = request_json(srv.port, "POST", "/api/prove", WITNESS)
+    assert (status, body["error"]) == (500, "Proof failed verification")  # no proof ever verified here: ours
+    assert health(srv)[0] == 200  # ...but nothing says the server is broken either: readiness stays
+    mode_file.write_text("ok")
+    assert request(srv.port, "POST", "/api/prove", WITNESS)[0] == 200  # a proof bb verify accepts
+    mode_file.write_text("unverified")
+    for _ in range(3):  # bb verify accepts the known proof still: this witness's proofs are at fault
+        status, _, body = request_json(srv.port, "POST", "/api/prove", WITNESS)
+        assert status == 422 and "proof failed verification" in body["message"], body
+        assert health(srv)[0] == 200
 
 
 def test_rejected_witnesses_never_take_the_instance_out(start_server, fake_bb):

@@ -1,9 +1,5 @@
 """The benchmark's own arithmetic (bench/measure.py), checked without running it."""
-import os
-import sys
-
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-from bench import measure  # noqa: E402
+from bench import measure  # the repository root is on pytest's path (pyproject.toml)
 
 
 def test_steady_latencies_keep_only_requests_made_under_sustained_load():

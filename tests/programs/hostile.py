@@ -1,4 +1,4 @@
-"""Hostile and honest clients against a live bb-worker, for the soak test (issues 12 and 19).
+"""Hostile and honest clients against a live bb-worker, for the soak test (tests/load/test_soak.py).
 
     PYTHONPATH=tests python tests/programs/hostile.py --port 8080 --seconds 60 --hostile 32 --honest 8 \
         --witness tests/fixtures/valid_1.gz --proofs DIR

@@ -37,6 +37,7 @@ from support import CIRCUIT
 MiB = 1024 * 1024
 ELF_TEXT = "/x/bb: ELF 64-bit LSB executable, x86-64, version 1 (SYSV)"
 PROOF = bbrunner.Proof(b"\x00proof\xff", ["0x" + "00" * 31 + "07", "0x" + "ab" * 32])
+OWN_PROOF = b"\x01own witness's proof"  # what the stub's self_check "proves"
 VK, VK_HASH = b"\x01vk-bytes\x02", bytes(range(32))
 
 with open(CIRCUIT, "rb") as _f:
@@ -53,7 +54,7 @@ class StubBB:
     def __init__(self, available=True, version="5.0.0-stub", detail=ELF_TEXT):
         self.available, self._version, self.detail = available, version, detail
 
-    def status(self):
+    def status(self, wait=None):
         return bbrunner.Status(self.available, self._version if self.available else None, self.detail)
 
     def version(self):
@@ -129,7 +130,7 @@ class StubCircuit:
         self.checks.append({"workdir_entries": os.listdir(workdir), "keep_fds": keep_fds, "threads": threads})
         if self.check_error is not None:
             raise self.check_error
-        for name, data in (("proof", PROOF.proof), ("public_inputs", bytes(32))):  # what bb prove writes
+        for name, data in (("proof", OWN_PROOF), ("public_inputs", bytes(32))):  # what bb prove writes
             with open(os.path.join(workdir, name), "wb") as f:
                 f.write(data)
 
@@ -139,7 +140,7 @@ class StubCircuit:
                                   "workdir_entries": sorted(os.listdir(os.path.dirname(proof_path)))})
         if self.verify_error is not None:
             raise self.verify_error
-        return self.verdict
+        return self.verdict and self.verified[-1]["proof"] != OWN_PROOF  # 0s rarely satisfy the circuit
 
 
 class RaisingSlots:
@@ -210,8 +211,9 @@ def build_worker(prover, work_dir, slots=None, queue_timeout=0.2, response_forma
     service = ProverService(every, queue, VerifyLimit(verify_concurrency),
                             Health(prover.bb, every, worker_dir, selfcheck), selfcheck, worker_dir)
     limits = Limits(**options)
-    return App(service, ProveHandler(service, limits, response_format), VerifyHandler(service, limits),
-               Pages(service, OPENAPI), auth=auth, cors=cors)
+    app = App(service, ProveHandler(service, limits, response_format), VerifyHandler(service, limits),
+              Pages(service, OPENAPI), auth=auth, cors=cors)
+    return app
 
 
 # ---------------------------------------------------------------- calling it

@@ -1,6 +1,9 @@
 """bbworker.web.admission: the per-process proof queue (uploading and queued places, preemption of
 the slowest upload) and its helpers. The scheduler's slots themselves: tests/server/test_scheduler.py."""
+import time
+
 import gevent
+import gevent.event
 import pytest
 
 from bbworker import errors
@@ -139,3 +142,28 @@ def test_verify_limit_bounds_verifications_apart_from_proof_slots():
         assert raised.value.outcome == "busy" and raised.value.fault is None
     with limit.slot():  # released, also after the refusal
         pass
+
+
+def test_verify_places_bound_their_waiters_too():
+    """At most max_waiting requests wait for a verification place: one more is Busy at once, holding
+    nothing (a flood of complete verify bodies cannot hold connections for the whole wait)."""
+    limit = admission.VerifyLimit(1, wait=5.0, max_waiting=2)
+    entered, release = gevent.event.Event(), gevent.event.Event()
+
+    def hold():
+        with limit.slot():
+            entered.set()
+            release.wait()
+
+    holder = gevent.spawn(hold)
+    entered.wait()
+    waiters = [gevent.spawn(lambda: limit.slot().__enter__()) for _ in range(2)]
+    gevent.sleep(0.05)
+    assert limit.waiting == 2
+    started = time.monotonic()
+    with pytest.raises(errors.Busy, match="2 verifications already waiting"):
+        with limit.slot():
+            pass
+    assert time.monotonic() - started < 1.0  # at once, not after the 5 s wait
+    release.set()
+    gevent.joinall([holder] + waiters, timeout=5)

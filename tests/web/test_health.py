@@ -25,7 +25,7 @@ class BB:
     def __init__(self, available=True):
         self.available = available
 
-    def status(self):
+    def status(self, wait=None):
         return Status(self.available, "5.0.0-stub" if self.available else None, "elf" if self.available else "gone")
 
 
@@ -98,3 +98,22 @@ def test_retry_after_follows_the_problem(tmp_path):
     assert health.retry_after(["CRS too small: /crs holds 1 G1 points"]) == 30
     check.failing["default"] = "bb crashed"
     assert health.retry_after(["self-check failed: bb crashed"], "default") == 8  # the next background check
+
+
+def test_a_health_check_answers_starting_while_a_slow_bb_tells_its_version(tmp_path):
+    """`bb --version` may take seconds (a cold disk, an emulated arch): a health check waits a quarter
+    of a second for it, then answers 503 "starting" instead of keeping the load balancer waiting."""
+    import time
+
+    from bbworker.bbrunner import BB as RealBB
+    from support import write_script
+
+    slow = RealBB(write_script(tmp_path / "bb", "#!/bin/sh\nsleep 2\necho 5.0.0-slow\n"))
+    health = Health(slow, {"default": Circuit()}, work_dir(tmp_path))
+    started = time.monotonic()
+    ready, payload = health.check()
+    assert time.monotonic() - started < 1.5
+    assert not ready and payload["status"] == "starting"
+    assert payload["reasons"] == ["starting: bb --version is running"]
+    assert slow.status().version == "5.0.0-slow"  # the run went on; asked again, bb's answer
+    assert health.check()[0]

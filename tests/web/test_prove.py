@@ -113,8 +113,8 @@ def test_prover_errors_map_to_status_codes(make_worker, stub_circuit, work_dir, 
 # A failure bb can owe to the witness (it crashed on it, failed without saying why, wrote a proof
 # bb verify rejects) is the witness's when the server's own witness proves (the self-check).
 MAY_BE_INPUT = [errors.ProverCrashed(-11, "bb was killed by signal SIGSEGV"),
-                errors.ServerFault(1, "Assertion failed: (index < size)"),
-                errors.ProofRejected(0, "proof failed verification: bb verify rejects the proof bb prove wrote")]
+                errors.ServerFault(1, "Assertion failed: (index < size)")]
+UNVERIFIED = errors.ProofRejected(0, "proof failed verification: bb verify rejects the proof bb prove wrote")
 # Failures of ours whatever the witness: passing resources, the kernel's SIGKILL.
 OURS = [errors.ProverOutOfMemory(-6, 2048), errors.ResourceUnavailable(1, "No space left on device"),
         errors.CrsUnavailable(1, "bb tried to download the CRS"), messages.bb_error(-9, b"")]
@@ -139,7 +139,31 @@ def test_a_failure_the_witness_can_cause_is_422_when_the_servers_own_witness_pro
     assert os.listdir(work_dir) == []
 
 
-@pytest.mark.parametrize("error", MAY_BE_INPUT + OURS, ids=[type(e).__name__ for e in MAY_BE_INPUT + OURS])
+def test_a_proof_bb_verify_rejects_is_the_witnesss_only_while_bb_verify_accepts_a_known_proof(
+        make_worker, stub_circuit, work_dir, prove, call):
+    """bb verify rejecting the proof of a witness bb did not flag: the witness's (422) when bb verify
+    still accepts a proof it accepted before; on a worker that has seen none, nothing can tell (the
+    server's own witness rarely satisfies the circuit): ours (500), and readiness does not move."""
+    stub = stub_circuit(error=UNVERIFIED, check_error=None)
+    worker = make_worker(stub, work_dir)
+    status, _, body = prove(worker, fixture_bytes("valid_1.gz"))
+    assert (status, body["error"]) == (500, "Proof failed verification")
+    assert call(worker, "GET", "/api/health")[0] == 200
+    stub.error = None
+    assert prove(worker, fixture_bytes("valid_1.gz"))[0] == 200  # a proof bb verify accepted: the reference
+    stub.error = UNVERIFIED
+    status, _, body = prove(worker, fixture_bytes("valid_1.gz"))
+    assert status == 422 and body["message"].startswith("bb prove failed on this witness: proof failed verification")
+    assert stub.verified[-1]["proof"] == b"\x00proof\xff"  # the reference, verified again
+    stub.verdict = False  # bb verify now rejects what it accepted: ours, and readiness says so
+    status, _, body = prove(worker, fixture_bytes("valid_1.gz"))
+    assert (status, body["error"]) == (500, "Proof failed verification")
+    code, _, data = call(worker, "GET", "/api/health")
+    assert code == 503 and "bb verify now rejects a proof it accepted before" in data.decode()
+
+
+@pytest.mark.parametrize("error", MAY_BE_INPUT + [UNVERIFIED] + OURS,
+                         ids=[type(e).__name__ for e in MAY_BE_INPUT + [UNVERIFIED] + OURS])
 def test_a_failure_the_self_check_repeats_is_ours_and_takes_the_worker_out(
         make_worker, stub_circuit, work_dir, prove, call, error):
     stub = stub_circuit(error=error)  # its own witness fails the same way: the server is broken

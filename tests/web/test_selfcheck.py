@@ -105,16 +105,23 @@ def test_a_verification_is_checked_on_a_proof_known_to_verify(check_of, stub_cir
     assert check.problems("default") == ["self-check failed: bb verify now says no to a proof it said True to before"]
 
 
-def test_a_verification_with_no_known_proof_proves_the_servers_witness_once(check_of, stub_circuit):
-    """The own witness rarely satisfies the circuit: bb verify's verdict on its proof is kept, and later
-    checks ask bb verify again for that same verdict, without proving."""
+def test_a_verification_with_no_known_proof_checks_bytes_of_the_servers_making_without_proving(
+        check_of, stub_circuit):
+    """bb verify running and judging is what a verification needs: with no proof known to verify,
+    bb verify must judge proof-shaped bytes the server made (the same every time) as it did first."""
+    from bbworker.bbrunner.circuit import ProofShape
+    from bbworker.web.selfcheck import made_up_proof
+
     clock = Clock()
     circuit = stub_circuit(check_error=None, verdict=False)
+    circuit.shape = ProofShape(14656, 1, 9)
     check = check_of(circuit, clock=clock)
     assert check.confirm("default", verifying=True)
-    assert len(circuit.checks) == 1 and circuit.verified[-1]["proof"]
+    made = made_up_proof(circuit.shape)
+    assert circuit.checks == [] and [v["proof"] for v in circuit.verified] == [made[0]] * 2  # its verdict, then again
+    assert len(made[0]) == 14656 and len(made[1]) == 32 and made == made_up_proof(circuit.shape)
     clock.now += 1
-    assert check.confirm("default", verifying=True) and len(circuit.checks) == 1  # verified again, not proved
+    assert check.confirm("default", verifying=True) and circuit.checks == []
     circuit.verify_error = errors.ServerFault(1, "bb verify failed: Segmentation fault")
     clock.now += 1
     assert not check.confirm("default", verifying=True)
