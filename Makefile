@@ -14,11 +14,12 @@ endif
 
 .PHONY: setup browser run test image-test bench bench-quick fixtures clean
 
-# The pinned dependencies, then bb-worker itself (editable: `import bbworker` from anywhere in the venv).
-$(VENV)/.installed: requirements.txt requirements-dev.txt pyproject.toml
+# The pinned dependencies, then this checkout on the venv's path (a .pth line, what an editable
+# install writes, without building anything): `import bbworker` from anywhere in the venv.
+$(VENV)/.installed: requirements.txt requirements-dev.txt
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --quiet --disable-pip-version-check -r requirements.txt -r requirements-dev.txt
-	$(PY) -m pip install --quiet --disable-pip-version-check --no-deps -e .
+	echo "$(CURDIR)" > "$$($(PY) -c 'import sysconfig; print(sysconfig.get_path("purelib"))')/bb-worker.pth"
 	touch $@
 
 setup: $(VENV)/.installed
