@@ -18,7 +18,6 @@ from collections import namedtuple
 from bbworker.bbrunner import formats
 from bbworker.settings import Settings
 from tests import support
-from tests.support import ServerError  # noqa: F401  (run.py reports it like BenchError)
 
 # Cleared before a server starts, so the caller's shell cannot change what is measured.
 SERVER_SETTINGS = tuple(Settings.names())

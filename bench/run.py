@@ -669,7 +669,7 @@ def main(argv=None):
                                                             fresh_dir(os.path.join(work, f"conc-2^{log}"))))
         if real and dev:
             results["crs_check"] = crs_check(opts, real, dev, fresh_dir(os.path.join(work, "crs")))
-    except (BenchError, measure.ServerError) as exc:
+    except (BenchError, support.ServerError) as exc:
         print(f"bench: FAILED: {exc}", file=sys.stderr)
         return 1
     except KeyboardInterrupt:

@@ -26,7 +26,6 @@ import argparse
 import glob
 import hashlib
 import os
-import shutil
 import subprocess
 import sys
 import tempfile

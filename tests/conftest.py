@@ -98,3 +98,13 @@ def server(tmp_path_factory, crs_dir):
     srv = Server(str(tmp_path_factory.mktemp("server")), env).wait_ready()
     yield srv
     srv.stop()
+
+
+@pytest.fixture
+def pair():
+    """(server side, client side): a connected pair of gevent sockets."""
+    from gevent import socket as gsocket
+    a, b = gsocket.socketpair()
+    yield a, b
+    a.close()
+    b.close()

@@ -9,6 +9,7 @@ import gzip
 import http.client
 import json
 import os
+import shutil
 import signal
 import socket
 import subprocess
@@ -28,6 +29,20 @@ SHARED_CRS = os.path.join(os.path.dirname(ROOT), "shared", "crs")
 BB = os.environ.get("BB_BINARY") or os.path.join(ROOT, ".bb", "bb")
 VALID = ["valid_1.gz", "valid_2.gz", "valid_3.gz"]
 HOST = "127.0.0.1"
+
+
+def make_prover(binary, tmp_path, crs_dir=None, verify=True, **options):
+    """A bbrunner Circuit of the demo circuit (with its BB) whose VK is cached in tmp_path/vk-cache."""
+    from bbworker.bbrunner import BB as Binary, Circuit
+    return Circuit(Binary(binary, crs_dir=crs_dir, **options), CIRCUIT, str(tmp_path / "vk-cache"), verify=verify)
+
+
+def prove_into(prover, tmp_path, witness_path):
+    """prover.prove() of `witness_path` into a fresh tmp_path/out: its Proof."""
+    out = tmp_path / "out"
+    shutil.rmtree(out, ignore_errors=True)
+    out.mkdir()
+    return prover.prove(str(witness_path), str(out))
 
 
 # ---------------------------------------------------------------- fixtures

@@ -10,19 +10,7 @@ import pytest
 from bbworker.bbrunner import BB, Circuit, Proof, acir, circuit as circuit_module, messages
 from bbworker.errors import (CrsUnavailable, ProofRejected, ProverCrashed, ProverError, ProverFailed,
                              ProverOutOfMemory, ResourceUnavailable, ServerFault)
-from support import CIRCUIT, FIXTURES, expected, tmpfs, write_script
-
-
-def make_prover(binary, tmp_path, crs_dir=None, verify=True, **options):
-    """A Circuit of the demo circuit (with its BB) whose VK is cached in tmp_path/vk-cache."""
-    return Circuit(BB(binary, crs_dir=crs_dir, **options), CIRCUIT, str(tmp_path / "vk-cache"), verify=verify)
-
-
-def prove_into(prover, tmp_path, witness_path):
-    out = tmp_path / "out"
-    shutil.rmtree(out, ignore_errors=True)
-    out.mkdir()
-    return prover.prove(str(witness_path), str(out))
+from support import CIRCUIT, FIXTURES, expected, make_prover, prove_into, tmpfs, write_script
 
 
 # ---------------------------------------------------------------- the circuit

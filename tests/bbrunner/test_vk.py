@@ -11,19 +11,7 @@ import pytest
 from bbworker.bbrunner import BB, Circuit
 from bbworker.bbrunner.vk import CIRCUIT_FILE
 from bbworker.errors import ProverCrashed, ProverUnavailable, ResourceUnavailable, ServerFault
-from support import CIRCUIT, FIXTURES, ROOT, expected, write_script
-
-
-def make_prover(binary, tmp_path, crs_dir=None, verify=True, **options):
-    """A Circuit of the demo circuit (with its BB) whose VK is cached in tmp_path/vk-cache."""
-    return Circuit(BB(binary, crs_dir=crs_dir, **options), CIRCUIT, str(tmp_path / "vk-cache"), verify=verify)
-
-
-def prove_into(prover, tmp_path, witness_path):
-    out = tmp_path / "out"
-    shutil.rmtree(out, ignore_errors=True)
-    out.mkdir()
-    return prover.prove(str(witness_path), str(out))
+from support import CIRCUIT, FIXTURES, ROOT, expected, make_prover, prove_into, write_script
 
 
 def test_ensure_writes_the_real_vk_once(bb, crs_dir, reference_vk, tmp_path, count_runs):

@@ -18,15 +18,6 @@ def fake_request(expects_continue):
     return types.SimpleNamespace(_expected_100_continue=expects_continue, must_close=False)
 
 
-@pytest.fixture
-def pair():
-    """(server side, client side): a connected pair of gevent sockets."""
-    a, b = gsocket.socketpair()
-    yield a, b
-    a.close()
-    b.close()
-
-
 def pending(sock):
     """The bytes waiting on `sock` now (b"" when none, or at the end), without waiting."""
     if not select.select([sock], [], [], 0)[0]:

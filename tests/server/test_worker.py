@@ -17,15 +17,6 @@ from bbworker.server import connection, worker
 from bbworker.server.worker import GeventWorker, HeadDeadline
 
 
-@pytest.fixture
-def pair():
-    """(server side, client side): a connected pair of gevent sockets."""
-    a, b = gsocket.socketpair()
-    yield a, b
-    a.close()
-    b.close()
-
-
 def read_head(sock, got):
     """Read until the end of a request head, appending what arrives to `got` (list of bytes)."""
     while b"\r\n\r\n" not in b"".join(got):
