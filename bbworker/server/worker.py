@@ -211,7 +211,8 @@ class GeventWorker(ggevent.GeventWorker):
 
     def __init__(self, *args, **kwargs):
         super().__init__(*args, **kwargs)
-        self.booted = time.time()  # wall clock: compared with the master's reload mark (rundir)
+        # wall clock, compared with the master's reload mark (rundir); gunicorn's own `booted` is a bool
+        self.started_at = time.time()
         self._clients = {}  # handler greenlet -> its Client
         self._waiting = collections.OrderedDict()  # handler greenlet -> HeadDeadline, waiting longest first
         places = f"all {self.worker_connections} connections (worker_connections)"
@@ -302,7 +303,9 @@ class GeventWorker(ggevent.GeventWorker):
         are closed (close_idle). stopping() is True from here on unless the master is reloading
         (rundir.reloaded_since: its new workers serve, and so does this one until it exits)."""
         global _stopping
-        _stopping = not rundir.reloaded_since(self.booted)
+        _stopping = not rundir.reloaded_since(self.started_at)
+        self.log.info("SIGTERM: %s", "the server is stopping, /api/health answers 503" if _stopping
+                      else "replaced after a reload, ready until it exits")
         super().handle_exit(sig, frame)
         gevent.get_hub().loop.run_callback(self.close_idle)
 

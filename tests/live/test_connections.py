@@ -181,7 +181,32 @@ def test_readiness_stays_200_through_a_hup(start_server, capsys):
         print(f"\nHUP: {len(statuses)} health probes, {sum(s != 200 for s in statuses)} not 200")
     assert statuses and set(statuses) == {200}, statuses
     srv.stop()
-    assert "stopping" not in srv.output().split("Handling signal: hup")[-1].split("Handling signal: term")[0]
+    after_hup = srv.output().split("Handling signal: hup")[-1]
+    assert "SIGTERM: replaced after a reload" in after_hup.split("SIGTERM: the server is stopping")[0], after_hup
+
+
+def test_a_stop_after_a_hup_is_unready_at_once(start_server):
+    """The reload mark stays once a HUP wrote it; a worker booted after it that gets SIGTERM is a
+    stop, not a reload: /api/health answers 503 "stopping" until the listener closes, never 200."""
+    srv = start_server()
+    old = worker_pids(srv)
+    os.kill(srv.proc.pid, signal.SIGHUP)
+    assert wait_for(lambda: not alive(old[0]) and worker_pids(srv) and worker_pids(srv) != old, timeout=30)
+    assert wait_for(lambda: request(srv.port, "GET", "/api/health", timeout=5)[0] == 200, timeout=30)
+    os.kill(srv.proc.pid, signal.SIGTERM)
+    answers = []
+    while len(answers) < 200:
+        try:
+            status, _, body = request_json(srv.port, "GET", "/api/health", timeout=2)
+            answers.append((status, body.get("reasons", [""])[0][:20] if status == 503 else ""))
+        except OSError:  # the worker closed its listener (its next 1 s tick): the stop went on
+            break
+        time.sleep(0.02)
+    srv.proc.wait(timeout=30)
+    assert "SIGTERM: the server is stopping" in srv.output().split("Handling signal: term")[-1], srv.output_tail()
+    # the master passes the signal on within ms; from then on 503 until the worker's next 1 s tick
+    first = next((i for i, (status, _) in enumerate(answers) if status == 503), len(answers))
+    assert all(reason.startswith("stopping: SIGTERM") for _, reason in answers[first:]), answers
 
 
 def _prove_or_fail(port):
