@@ -724,6 +724,24 @@ def silent_connections(port, count):
     return socks
 
 
+def unread_connections(port, count, path, requests):
+    """`count` connections to 127.0.0.1:`port`, each sending `requests` pipelined GETs of `path` at
+    once and reading none of the replies (a 4 KiB receive buffer): list of sockets, closed by the caller."""
+    head = f"GET {path} HTTP/1.1\r\nHost: t\r\n\r\n".encode() * requests
+    socks = []
+    for _ in range(count):
+        sock = socket.socket()
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+        sock.connect((HOST, port))
+        sock.setblocking(False)
+        try:
+            sock.send(head)
+        except BlockingIOError:
+            pass
+        socks.append(sock)
+    return socks
+
+
 class Reopener(threading.Thread):
     """A client holding `count` silent connections to 127.0.0.1:`port`, opening a new one for each
     the server closes, until stop.set(). reopened: how many it opened again (int)."""

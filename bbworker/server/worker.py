@@ -6,9 +6,11 @@ for every new connection, and gunicorn's own refusals answered by the app.
   would hold the connection that long (HeadDeadline).
 - Places: gunicorn's gevent worker serves at most `worker_connections` connections and stops
   accepting while they are all taken, so a crowd of silent connections left /api/health waiting
-  in the listen backlog. When the last place is taken the worker drops the connection that has
-  waited longest for a request head, never one whose request is being served, and the next
-  connection is accepted at once; the drops are logged at warning level, summed (Summed).
+  in the listen backlog. When the last place is taken the worker drops a connection that is
+  only waiting on its client: one closing after its reply, else the one that has waited
+  longest for a request head, else one whose reply its client does not read (gunicorn sets no
+  deadline on writes); never one whose request is being served. The next connection is
+  accepted at once; the drops are logged at warning level, summed (Summed).
 - Refusals: a request gunicorn's parser refuses (431, 414, 501, 400, ...) is answered by the app
   as any other error (JSON, CORS, an access line, counted): the worker calls it with a small
   environ whose REFUSED key holds a bbworker.errors.Error.
@@ -16,6 +18,7 @@ for every new connection, and gunicorn's own refusals answered by the app.
   its next one-second tick and serves what it accepts until then.
 """
 import collections
+import errno
 import io
 import select
 import ssl
@@ -138,6 +141,20 @@ def _readable(sock):
     return bool(poller.poll(0))
 
 
+def _sending(sock):
+    """True while a greenlet waits for `sock` to take more bytes: its peer reads none now
+    (the watcher gevent starts for that wait, gevent._socket3.socket.send)."""
+    event = getattr(sock, "_write_event", None)
+    return bool(event is not None and event.active)
+
+
+def _unread(handler, sock):
+    """In the hub: fail `handler`'s write to `sock` as if its client hung up (gunicorn then closes
+    the connection), if it still waits to write."""
+    if _sending(sock):
+        handler.throw(BrokenPipeError(errno.EPIPE, "the client reads no more of its reply: dropped"))
+
+
 class Client:
     """One connection of the worker: `sock`, `accepted` (monotonic s), `requests` (heads awaited so far),
     `deadline` (the HeadDeadline of the latest head), `unreader` (gunicorn's buffer of its bytes, once known)."""
@@ -216,7 +233,7 @@ class GeventWorker(ggevent.GeventWorker):
         self._clients = {}  # handler greenlet -> its Client
         self._waiting = collections.OrderedDict()  # handler greenlet -> HeadDeadline, waiting longest first
         places = f"all {self.worker_connections} connections (worker_connections)"
-        self._drops = Summed(self.log, f"{places} taken: dropped %d more waiting for a request in the last %g s")
+        self._drops = Summed(self.log, f"{places} taken: dropped %d more waiting on their clients in the last %g s")
         self._full = Summed(self.log, f"{places} were in requests %d more times in the last %g s")
 
     def handle(self, listener, client, addr):
@@ -235,7 +252,7 @@ class GeventWorker(ggevent.GeventWorker):
 
     def _make_room(self):
         """Every place is taken (gevent accepts no more): drop a connection lingering after its reply,
-        else the one waiting longest for a head."""
+        else the one waiting longest for a head, else the oldest whose client reads no more of its reply."""
         while self._waiting:
             _, deadline = self._waiting.popitem(last=False)  # never chosen twice
             if deadline.active:
@@ -244,6 +261,14 @@ class GeventWorker(ggevent.GeventWorker):
                                   "for a request (%.1f s) to accept the next", self.worker_connections,
                                   time.monotonic() - deadline.entered)
                 return
+        stuck = [(client.accepted, handler) for handler, client in self._clients.items() if _sending(client.sock)]
+        if stuck:
+            accepted, handler = min(stuck, key=lambda pair: pair[0])
+            gevent.get_hub().loop.run_callback(_unread, handler, self._clients[handler].sock)
+            self._drops.event("all %d connections (worker_connections) taken: dropped the oldest whose client "
+                              "reads no more of its reply (open %.1f s) to accept the next", self.worker_connections,
+                              time.monotonic() - accepted)
+            return
         self._full.event("all %d connections (worker_connections) are in requests: none is accepted until one ends",
                          self.worker_connections)
 

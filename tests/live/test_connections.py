@@ -16,7 +16,7 @@ import pytest
 
 from support import (Downtime, Replies, Reopener, Server, alive, bb_processes, children, connect, fixture_bytes,
                      pids_in, probe, probe_figures, probe_series, read_metrics, read_reply, request, request_head,
-                     request_json, silent_connections, wait_for)
+                     request_json, silent_connections, unread_connections, wait_for)
 
 WITNESS = fixture_bytes("valid_1.gz")
 ORIGIN = "https://app.example"
@@ -69,6 +69,26 @@ def test_idle_crowds_never_starve_health_or_liveness(start_server, capsys):
     warnings = [line for line in srv.output().splitlines() if "connections (worker_connections) taken" in line]
     assert warnings and "dropped the one waiting longest for a request" in warnings[0], srv.output_tail()
     assert len(warnings) <= 12, "one warning per 10 s at most while drops go on"  # a minute at most here
+    assert "Traceback" not in srv.output()
+
+
+def test_clients_that_read_no_reply_never_starve_health_or_liveness(start_server, capsys):
+    """1,100 connections each pipelining 200 requests for the OpenAPI document and reading none of
+    the replies: gunicorn writes without a deadline, so once their socket buffers were full they
+    held every place for good and every probe timed out (QA, round 3). A full worker now drops the
+    oldest such connection for each new one."""
+    srv = start_server()
+    paths = ["/api/health", "/api/live"]
+    crowd = unread_connections(srv.port, 1100, "/api/openapi.json", 200)
+    try:  # the server answers them (about 15 s here) until their buffers are full and it must drop one
+        assert wait_for(lambda: "reads no more of its reply" in srv.output(), timeout=120), srv.output_tail()
+        probes = probe_series(srv.port, paths, 40, timeout=PROBE_TIMEOUT)
+    finally:
+        for sock in crowd:
+            sock.close()
+    with capsys.disabled():
+        print(f"\n1,100 connections reading no reply: {probe_figures(probes)}")
+    assert [p.status for p in probes] == [200] * len(probes), probe_figures(probes)
     assert "Traceback" not in srv.output()
 
 

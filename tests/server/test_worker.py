@@ -249,7 +249,7 @@ def test_drops_are_logged_once_then_summed(connections, serving_worker):
     gevent.sleep(0.3)
     warnings = made.log.messages("warning")
     assert len(warnings) == 2 and "dropped the one waiting longest" in warnings[0], warnings
-    assert "dropped 2 more waiting for a request in the last 0.2 s" in warnings[1], warnings
+    assert "dropped 2 more waiting on their clients in the last 0.2 s" in warnings[1], warnings
     gevent.sleep(0.3)  # quiet: nothing more to say, and the next drop is logged at once again
     assert len(made.log.messages("warning")) == 2
 
@@ -269,6 +269,33 @@ def test_a_full_worker_with_every_connection_in_a_request_says_so(connections, s
     assert made.log.messages("warning") == [
         "all 2 connections (worker_connections) are in requests: none is accepted until one ends"]
     release.set()
+
+
+def test_a_full_worker_drops_a_connection_whose_client_reads_no_more_of_its_reply(connections, serving_worker):
+    """gunicorn sets no deadline on writes: a client that stops reading would hold its place for ever."""
+    def big(environ, start_response):
+        start_response("200 OK", [("Content-Length", str(1 << 20))])
+        return [b"x" * (1 << 20)]
+    made = serving_worker(big, connections=2)
+    stuck, stuck_client = connections()
+    stuck_client.sendall(GET)  # never read: the 1 MiB reply fills both socket buffers
+    serve(made, stuck)
+    gevent.sleep(0.1)
+    newer, newer_client = connections()
+    newer_client.sendall(GET)
+    serve(made, newer)  # the second of 2 places: the stuck writer must go
+    got = b""
+    stuck_client.settimeout(2)
+    while True:  # what the buffers held, then the end (a timeout here: the connection was kept)
+        part = stuck_client.recv(1 << 20)
+        if not part:
+            break
+        got += part
+    assert len(got) < (1 << 20) + 200, "the stuck reply was written whole: nothing was dropped"
+    newer_client.settimeout(2)
+    assert newer_client.recv(65536).startswith(b"HTTP/1.1 200 OK")
+    [warning] = made.log.messages("warning")
+    assert "dropped the oldest whose client reads no more of its reply" in warning, warning
 
 
 def test_a_pipelined_head_left_in_gunicorn_s_buffer_has_head_seconds_not_keepalive(connections, serving_worker):
