@@ -95,12 +95,13 @@ def free_port():
         return s.getsockname()[1]
 
 
-def request(port, method, path, body=None, headers=None, timeout=120):
-    """One HTTP request to 127.0.0.1:`port` on a new connection.
+def request(port, method, path, body=None, headers=None, timeout=120, source=None):
+    """One HTTP request to 127.0.0.1:`port` on a new connection (from address `source`, e.g. "127.0.0.2").
 
     Returns (status int, headers dict with lower-case names, body bytes).
     """
-    conn = http.client.HTTPConnection("127.0.0.1", port, timeout=timeout)
+    conn = http.client.HTTPConnection("127.0.0.1", port, timeout=timeout,
+                                      source_address=(source, 0) if source else None)
     try:
         conn.request(method, path, body=body, headers=headers or {})
         resp = conn.getresponse()
@@ -109,9 +110,9 @@ def request(port, method, path, body=None, headers=None, timeout=120):
         conn.close()
 
 
-def request_json(port, method, path, body=None, headers=None, timeout=120):
+def request_json(port, method, path, body=None, headers=None, timeout=120, source=None):
     """request() with the body decoded as JSON."""
-    status, headers, data = request(port, method, path, body, headers, timeout)
+    status, headers, data = request(port, method, path, body, headers, timeout, source)
     return status, headers, json.loads(data)
 
 

@@ -84,6 +84,7 @@ class App:
         started = began if began is not None else time.monotonic()
         request_id = callers.request_id(environ)
         environ["bb_worker.request_id"] = request_id
+        environ["bb_worker.client"] = callers.client_address(environ, self.trusted_proxies)  # admission's fair shares
         method = environ.get("REQUEST_METHOD", "GET")
         reply = self.dispatch(environ)
         if has_body(environ) and not environ.get("bb_worker.body_read"):
@@ -178,7 +179,7 @@ class App:
                   "duration_ms": round((time.monotonic() - started) * 1000, 1),
                   "bb_exit_code": environ.get("bb_worker.bb_exit_code"),
                   "outcome": environ.get("bb_worker.outcome"), "fault": environ.get("bb_worker.fault"),
-                  "client": callers.client_address(environ, self.trusted_proxies),
+                  "client": environ["bb_worker.client"],
                   "user_agent": environ.get("HTTP_USER_AGENT", "")[:256]}
         access_log.info('%s %s %s %d in=%d out=%d ms=%.1f bb=%s outcome=%s fault=%s client=%s ua="%s"',
                         fields["request_id"], fields["method"], printable(fields["path"]), reply.status,

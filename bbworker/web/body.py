@@ -22,9 +22,22 @@ from bbworker.server import connection
 
 CHUNK_BYTES = 64 * 1024
 MAX_GZIP_MEMBERS = 4  # a witness is one gzip member (nargo, noir_js); a few concatenated ones are fine
+GZIP_SLACK_BYTES = 64 * 1024  # gzip's own headers (a file name, a comment) and framing, all members together
 
 
 # ---------------------------------------------------------------- witness and small bodies
+
+def witness_body_limit(program, max_body):
+    """The most bytes (int) a POST /api/prove body may have for a witness of `program` (an
+    acir.Program, or None for a circuit that could not be decoded): its largest witness stored
+    uncompressed (deflate's stored blocks add 5 bytes per 64 KiB) plus GZIP_SLACK_BYTES, never over
+    `max_body` (MAX_BODY_BYTES). Bytes that inflate to nothing (long gzip headers, empty deflate
+    blocks) then take no more disk or upload time than a real witness could."""
+    if program is None:
+        return max_body
+    largest = program.max_witness_bytes
+    return min(max_body, largest + largest // 1024 + GZIP_SLACK_BYTES)
+
 
 class WitnessSink:
     """Write a gzip stream to `path` while checking it, in bounded memory.

@@ -21,7 +21,7 @@ from bbworker import files
 from bbworker.bbrunner import acir
 from bbworker.errors import ClientGone, ProverError, ServiceUnavailable
 from bbworker.server import connection, metrics
-from bbworker.web.body import WitnessSink, read_body, refuse_oversized
+from bbworker.web.body import WitnessSink, read_body, refuse_oversized, witness_body_limit
 from bbworker.web.service import Reply, accounted, json_reply
 
 log = logging.getLogger("bb_worker")
@@ -50,13 +50,13 @@ class ProveHandler:
         """Prove a witness of circuit `name`; return the Reply (200 with a verified proof)."""
         service = self.service
         with accounted(environ, metrics.PROOFS, name):
-            refuse_oversized(environ, self.limits.max_body_bytes)
+            refuse_oversized(environ, self.body_limit(name))
             service.refuse_unless_ready(environ, name)
             stem = uuid.uuid4().hex  # never the request id: clients choose that
             witness = service.new_path(f"{stem}.witness.gz")
             outdir = service.new_path(f"{stem}.out")
             watcher = None
-            with service.queue.admit() as ticket:
+            with service.queue.admit(client=environ.get("bb_worker.client")) as ticket:
                 try:
                     self.receive(environ, name, witness, outdir, ticket)
                     ticket.uploaded()
@@ -72,6 +72,10 @@ class ProveHandler:
                         gevent.sleep(0)  # a ClientGone it already sent lands here, not in gunicorn
         return self.reply(environ, result)
 
+    def body_limit(self, name):
+        """The most bytes (int) a body for circuit `name` may have (body.witness_body_limit)."""
+        return witness_body_limit(self.service.circuits[name].acir, self.limits.max_body_bytes)
+
     def receive(self, environ, name, witness_path, outdir, ticket=None):
         """Stream the body to `witness_path`, checked as gzip then as a witness of circuit `name`.
 
@@ -81,7 +85,7 @@ class ProveHandler:
         program = self.service.circuits[name].acir
         with self.service.writing_work_dir(environ):
             files.private_dir(outdir)
-            sink = WitnessSink(witness_path, self.limits.max_body_bytes, self.limits.max_witness_bytes, program)
+            sink = WitnessSink(witness_path, self.body_limit(name), self.limits.max_witness_bytes, program)
         if ticket is not None:
             ticket.progress = lambda: sink.received
         try:

@@ -48,7 +48,8 @@ class VerifyHandler:
         limit = verify_body_limit(shape)
         refuse_oversized(environ, limit)
         sink = MemorySink(limit)
-        with service.queue.admit(proof=False) as ticket:  # an uploading place, as a proof's body takes
+        client = environ.get("bb_worker.client")
+        with service.queue.admit(proof=False, client=client) as ticket:  # an uploading place, as a proof's body takes
             ticket.progress = lambda: sink.received
             try:
                 read_body(environ, sink, self.limits.upload_timeout, self.limits.upload_deadline)
@@ -58,7 +59,7 @@ class VerifyHandler:
                                                     environ.get("HTTP_X_PUBLIC_INPUTS"), shape)
         workdir = service.new_path(f"verify-{uuid.uuid4().hex}")
         try:
-            with service.verify_limit.slot():  # the self-check's own bb verify, if any, runs in this place too
+            with service.verify_limit.slot(client):  # the self-check's own bb verify, if any, runs in this place too
                 valid = self.judge(environ, name, proof, public_inputs, workdir)
         finally:
             files.remove(workdir)

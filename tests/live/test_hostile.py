@@ -133,10 +133,12 @@ def test_expect_gets_100_continue_then_the_proof(start_server, fake_bb):
 def test_many_gzip_members_are_400_early(start_server, fake_bb, tmp_path):
     pidfile = tmp_path / "pids"
     srv = start_server(BB_BINARY=fake_bb, FAKE_BB_PIDFILE=pidfile)
-    body = gzip.compress(b"", mtime=0) * 100_000  # 2 MB that inflate to nothing
+    body = gzip.compress(b"", mtime=0) * 1000  # 20 KB that inflate to nothing
     status, headers, payload = request_json(srv.port, "POST", "/api/prove", body)
     assert status == 400 and payload["message"] == "body has more than 4 gzip members"
     assert headers["connection"] == "close"
+    status, _, payload = request_json(srv.port, "POST", "/api/prove", body * 100)  # more than any witness needs
+    assert status == 413 and payload["message"].startswith("request body is 2000000 bytes; the limit is ")
     assert pids_in(pidfile) == []
     members = b"".join(gzip.compress(part, mtime=0) for part in (gzip.decompress(WITNESS)[:10],
                                                                   gzip.decompress(WITNESS)[10:]))
@@ -264,6 +266,61 @@ def test_a_complete_request_preempts_the_slowest_trickler_and_gets_a_proof_that_
         for sock in held:
             sock.close()
     assert wait_for(lambda: srv.leftovers() == [])
+
+
+def test_one_address_s_crowd_cannot_lock_another_address_out_of_proofs_or_verifications(start_server, verify,
+                                                                                          capsys):
+    """QA round 3: 20 stalled uploads from one address, each reopened as soon as it ended, kept every
+    uploading place younger than the preemption grace, and 24 clients verifying a crafted proof in a
+    loop filled verify's line: another address's proofs and verifications got 503. The address
+    holding the most places now makes way (admission.fair_share)."""
+    srv = start_server()
+    _, _, payload = request_json(srv.port, "POST", "/api/prove", WITNESS)
+    proof, inputs = base64.b64decode(payload["proof"]), payload["publicInputs"]
+    honest_verify = json.dumps({"proof": payload["proof"], "publicInputs": inputs}).encode()
+    crafted = json.dumps({"proof": base64.b64encode(bytes(len(proof))).decode(), "publicInputs": inputs}).encode()
+    stop, crowd = threading.Event(), []
+
+    def trickle():
+        while not stop.is_set():
+            try:
+                with connect(srv.port) as sock:
+                    sock.sendall(request_head("/api/prove", {"Content-Length": len(WITNESS)}) + WITNESS[:1])
+                    sock.settimeout(5)
+                    sock.recv(65536)  # until the server ends it (preempted, or a 503)
+            except OSError:
+                pass
+
+    def flood():
+        while not stop.is_set():
+            try:
+                request(srv.port, "POST", "/api/verify", crafted, {"Content-Type": "application/json"}, timeout=10)
+            except OSError:
+                pass
+
+    crowd = [threading.Thread(target=trickle) for _ in range(20)] + [threading.Thread(target=flood) for _ in range(24)]
+    for thread in crowd:
+        thread.start()
+    proofs, verdicts = [], []
+    try:
+        time.sleep(2)
+        for _ in range(3):
+            status, _, body = request_json(srv.port, "POST", "/api/prove", WITNESS, source="127.0.0.2")
+            proofs.append(status == 200 and verify(base64.b64decode(body["proof"]), body["publicInputs"]))
+        for _ in range(10):
+            status, _, body = request_json(srv.port, "POST", "/api/verify", honest_verify,
+                                           {"Content-Type": "application/json"}, source="127.0.0.2")
+            verdicts.append((status, body.get("valid", body.get("message"))))
+    finally:
+        stop.set()
+        for thread in crowd:
+            thread.join(timeout=30)
+    with capsys.disabled():
+        print(f"\nanother address beside 20 trickling uploads and 24 verify loops: proofs {proofs}, "
+              f"verifications {verdicts}")
+    assert proofs == [True] * 3
+    assert verdicts == [(200, True)] * 10
+    assert wait_for(lambda: srv.leftovers() == [], timeout=30)
 
 
 def test_trickled_headers_and_silent_connections_are_dropped_but_idle_keepalive_is_not(start_server, fake_bb):

@@ -191,8 +191,20 @@ class Client:
         return self.send_whole(self.witness, shut_wr=True)
 
     def gzip_members(self):
-        """A body of 100,000 empty gzip members: 400 early."""
-        return self.send_whole(gzip.compress(b"", mtime=0) * 100_000)
+        """A body of 1,000 empty gzip members (20 KB, under what the circuit's witnesses need): 400 early."""
+        return self.send_whole(gzip.compress(b"", mtime=0) * 1000)
+
+    def endless_name(self):
+        """A gzip header whose file name never ends (256 KiB of it), chunked: 413 once the body passes
+        what the circuit's witnesses can need gzipped, so it cannot fill the temp dir."""
+        data = b"\x1f\x8b\x08\x08" + bytes(6) + b"a" * (256 * 1024)
+        with connect(self.port) as sock:
+            try:
+                sock.sendall(request_head("/api/prove", {"Transfer-Encoding": "chunked"})
+                             + f"{len(data):x}\r\n".encode() + data + b"\r\n0\r\n\r\n")
+            except OSError:  # the server refused it before the rest was sent: its reply is there
+                pass
+            return read_reply(sock)[0]
 
     def oversized_expect(self):
         """Expect: 100-continue with a Content-Length of 1 TB: 413 and no "100 Continue"."""
@@ -216,11 +228,11 @@ class Client:
         return "closed"
 
 
-# Client i does kinds[i % len(kinds)] (--kinds, default HOSTILE): with 32 clients the first 14 get two each.
+# Client i does kinds[i % len(kinds)] (--kinds, default HOSTILE): with 32 clients the first 13 get two each.
 HOSTILE = ("zero_proof", "random_proof", "flipped_proof", "large_verify", "idle", "zero_byte", "long_header",
            "long_path", "bad_coding", "bad_request_line", "script_name",
            "half_close", "disconnect", "bad_framing",
-           "trickle_upload", "trickle_headers", "gzip_members", "oversized_expect")
+           "trickle_upload", "trickle_headers", "gzip_members", "endless_name", "oversized_expect")
 
 
 class Honest(Client):

@@ -69,6 +69,49 @@ def test_a_newcomer_preempts_the_slowest_upload_else_gets_503():
     assert queue.uploading == 0
 
 
+def test_fair_share_names_a_client_holding_two_places_more_than_the_newcomer():
+    held = [admission.Waiter(client, None) for client in ["a", "a", "a", "b"]]
+    assert admission.fair_share(held, "c") == "a"  # 3 against 0
+    assert admission.fair_share(held, "b") == "a"  # 3 against 1
+    assert admission.fair_share(held, "a") is None  # its own
+    assert admission.fair_share(held[:2], "b") == "a" and admission.fair_share(held[1:], "b") is None  # 2 against 1
+    assert admission.fair_share([held[0], held[3]], "b") is None  # 1 against 1: no ping-pong
+    assert admission.fair_share([], "c") is None
+
+
+def test_one_client_s_crowd_of_young_uploads_makes_way_for_another_client():
+    """20 stalled uploads from one address reconnecting as they were preempted kept every place
+    younger than the grace: another client's proofs got 503 (QA round 3). The client holding the
+    most places now gives up its slowest, however young; its own newcomers still wait their turn."""
+    queue = admission.ProofQueue(None, 1, max_queued=4, max_uploading=3)
+    ended = {}
+
+    def upload(name, client):
+        try:
+            with queue.admit(client=client):
+                gevent.sleep(30)
+        except errors.UploadTooSlow as exc:
+            ended[name] = exc
+
+    crowd = [gevent.spawn(upload, f"crowd-{i}", "10.0.0.1") for i in range(3)]
+    gevent.sleep(0.05)
+    with pytest.raises(errors.Busy):  # the same client again: all within the grace
+        with queue.admit(client="10.0.0.1"):
+            pass
+    with queue.admit(client="10.0.0.2") as ticket:  # another client: one of the crowd's goes, young as it is
+        gevent.sleep(0.05)
+        assert ticket.client == "10.0.0.2" and queue.uploading == 3
+        assert len(ended) == 1 and ended.popitem()[1].status == 408
+        with queue.admit(client="10.0.0.3"):  # the crowd's 2 against none: once more
+            gevent.sleep(0.05)
+            assert len(ended) == 1
+            with pytest.raises(errors.Busy):  # one place each now: nobody makes way within the grace
+                with queue.admit(client="10.0.0.4"):
+                    pass
+    gevent.killall(crowd)
+    assert queue.uploading == 0
+
+
 # ---------------------------------------------------------------- queued places and the slot
 
 class FakeSlots:
@@ -142,6 +185,62 @@ def test_verify_limit_bounds_verifications_apart_from_proof_slots():
         assert raised.value.outcome == "busy" and raised.value.fault is None
     with limit.slot():  # released, also after the refusal
         pass
+
+
+def test_one_client_s_verify_flood_makes_way_for_another_client_in_the_line():
+    """48 verifications at once from one address filled the waiting line and another client's got
+    503 (QA round 3): the flooding client's newest waiter now gives its place up."""
+    limit = admission.VerifyLimit(1, wait=5.0, max_waiting=2)
+    entered, release = gevent.event.Event(), gevent.event.Event()
+    outcomes = {}
+
+    def verify(name, client, hold=False):
+        try:
+            with limit.slot(client):
+                if hold:
+                    entered.set()
+                    release.wait()
+                outcomes[name] = "ran"
+        except errors.Busy as exc:
+            outcomes[name] = exc
+
+    holder = gevent.spawn(verify, "holder", "10.0.0.1", hold=True)
+    entered.wait()
+    flood = [gevent.spawn(verify, f"flood-{i}", "10.0.0.1") for i in range(2)]
+    gevent.sleep(0.05)
+    with pytest.raises(errors.Busy, match="2 verifications already waiting"):  # the flood's own: no place
+        with limit.slot("10.0.0.1"):
+            pass
+    other = gevent.spawn(verify, "other", "10.0.0.2")
+    gevent.sleep(0.05)
+    assert isinstance(outcomes.get("flood-1"), errors.Busy) and outcomes["flood-1"].status == 503
+    assert "flood-0" not in outcomes and limit.waiting == 2
+    release.set()
+    gevent.joinall([holder, other] + flood, timeout=5)
+    assert outcomes["other"] == "ran" and outcomes["flood-0"] == "ran" and limit.waiting == 0
+
+
+def test_a_freed_verify_place_goes_to_the_client_with_the_fewest_waiting_and_none_leaks():
+    limit = admission.VerifyLimit(1, wait=5.0, max_waiting=8)
+    order, release = [], gevent.event.Event()
+
+    def verify(name, client, hold=False):
+        with limit.slot(client):
+            order.append(name)
+            if hold:
+                release.wait()
+
+    holder = gevent.spawn(verify, "holder", "a", hold=True)
+    gevent.sleep(0.01)
+    waiters = [gevent.spawn(verify, name, client) for name, client in (("a1", "a"), ("a2", "a"), ("b1", "b"))]
+    gone = gevent.spawn(verify, "gone", "c")  # its client leaves while it waits
+    gevent.sleep(0.05)
+    gone.kill()
+    assert limit.waiting == 3
+    release.set()
+    gevent.joinall([holder] + waiters, timeout=5)
+    assert order == ["holder", "b1", "a1", "a2"]
+    assert (limit.running, limit.waiting) == (0, 0)
 
 
 def test_verify_places_bound_their_waiters_too():

@@ -18,6 +18,7 @@ from bbworker.web import body
 from support import CIRCUIT, fixture_bytes
 
 MiB = 1024 * 1024
+CHUNK = 64 * 1024  # what read_body hands a sink at a time
 
 
 # ---------------------------------------------------------------- WitnessSink
@@ -129,6 +130,34 @@ def test_a_witness_larger_than_the_circuits_is_refused_while_it_streams(tmp_path
         sink_of(tmp_path / "b", gzip.compress(bytes(over)), max_body=MiB, max_witness=MiB, circuit=program)
     assert sink_of(tmp_path / "c", fixture_bytes("valid_1.gz"), max_body=MiB, max_witness=MiB,
                    circuit=program).inflated == len(gzip.decompress(fixture_bytes("valid_1.gz")))
+
+
+def with_file_name(witness_gz, name):
+    """`witness_gz` (one gzip member) with gzip's FNAME field set to `name` (bytes, no NUL)."""
+    head = bytearray(witness_gz[:10])
+    head[3] |= 0x08  # FNAME
+    return bytes(head) + name + b"\0" + witness_gz[10:]
+
+
+def test_a_body_is_bounded_by_what_the_circuit_s_largest_witness_needs_gzipped(tmp_path):
+    """Bytes that inflate to nothing (a gzip header's file name here) took up to MAX_BODY_BYTES
+    of disk per upload: ten stalled uploads filled a 200 MiB TMPDIR and health went 503 (QA round 3)."""
+    with open(CIRCUIT, "rb") as f:
+        program = acir.Program.from_json(f.read())
+    limit = body.witness_body_limit(program, 50 * MiB)
+    largest = program.max_witness_bytes
+    assert limit == largest + largest // 1024 + body.GZIP_SLACK_BYTES
+    assert body.witness_body_limit(program, 1000) == 1000 and body.witness_body_limit(None, 50 * MiB) == 50 * MiB
+    # the largest witness the circuit can have, stored uncompressed, fits; so does a real one with a long file name
+    stored = gzip.compress(STACK_HEAD + bytes(largest - len(STACK_HEAD)), compresslevel=0)
+    assert len(stored) <= limit
+    named = with_file_name(fixture_bytes("valid_1.gz"), b"w" * 5000)
+    assert sink_of(tmp_path / "a", named, max_body=limit, max_witness=MiB, circuit=program).inflated > 0
+    # a file name that never ends is refused once the body passes the limit, with no more than that on disk
+    endless = with_file_name(fixture_bytes("valid_1.gz"), b"w" * (2 * limit))[:2 * limit]
+    with pytest.raises(PayloadTooLarge, match=f"request body exceeds {limit} bytes"):
+        sink_of(tmp_path / "b", endless, max_body=limit, max_witness=MiB, circuit=program, split=CHUNK)
+    assert os.path.getsize(tmp_path / "b") <= limit
 
 
 def test_the_witness_file_is_private_and_new(tmp_path):

@@ -17,6 +17,7 @@ from prometheus_client import REGISTRY
 from bbworker import errors
 from bbworker.bbrunner import messages
 from bbworker.server.scheduler import Scheduler
+from bbworker.web import body
 from support import fixture_bytes
 
 MiB = 1024 * 1024
@@ -268,10 +269,23 @@ def test_bad_bodies_are_400_and_never_proved(worker, prover, work_dir, prove, ca
 
 
 def test_content_length_over_the_limit_is_413_without_reading(worker, prover, work_dir, prove, stream):
+    prover.acir = copy.copy(prover.acir)
+    prover.acir.max_witness_bytes = 64 * MiB  # a circuit whose witnesses may be that big: MAX_BODY_BYTES bounds
     code, _, payload = prove(worker, None, stream=stream(fail=True), CONTENT_LENGTH=str(MiB + 1))
     assert code == 413
     assert payload["error"] == "Payload too large"
     assert str(MiB) in payload["message"]
+    assert prover.calls == []
+    assert os.listdir(work_dir) == []
+
+
+def test_a_body_larger_than_the_circuit_s_witnesses_can_need_is_413_without_reading(worker, prover, work_dir,
+                                                                                     prove, stream):
+    limit = body.witness_body_limit(prover.acir, MiB)
+    assert limit < MiB  # the demo circuit's witnesses need far less than MAX_BODY_BYTES
+    code, _, payload = prove(worker, None, stream=stream(fail=True), CONTENT_LENGTH=str(limit + 1))
+    assert code == 413
+    assert payload["message"] == f"request body is {limit + 1} bytes; the limit is {limit}"
     assert prover.calls == []
     assert os.listdir(work_dir) == []
 
