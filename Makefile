@@ -15,14 +15,17 @@ endif
 .PHONY: setup browser run test image-test bench bench-quick fixtures clean
 
 # The pinned dependencies, then this checkout on the venv's path (a .pth line, what an editable
-# install writes, without building anything): `import bbworker` from anywhere in the venv.
-$(VENV)/.installed: requirements.txt requirements-dev.txt
+# install writes, without building anything): `import bbworker` from anywhere in the venv. The
+# stamp is named by the requirements' content, not their times: a checkout mounted into the
+# development image (Dockerfile.dev writes the same stamp) finds its venv installed.
+INSTALLED := $(VENV)/.installed-$(shell cat requirements.txt requirements-dev.txt | sha256sum | cut -c1-16)
+$(INSTALLED):
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --quiet --disable-pip-version-check -r requirements.txt -r requirements-dev.txt
 	echo "$(CURDIR)" > "$$($(PY) -c 'import sysconfig; print(sysconfig.get_path("purelib"))')/bb-worker.pth"
 	touch $@
 
-setup: $(VENV)/.installed
+setup: $(INSTALLED)
 	$(PY) scripts/install_bb.py
 
 run: setup
