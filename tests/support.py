@@ -117,13 +117,25 @@ def request_json(port, method, path, body=None, headers=None, timeout=120, sourc
 
 
 def wait_for(predicate, timeout=10.0):
-    """Call predicate() every 20 ms until it is true (then True) or `timeout` seconds pass (False)."""
+    """Call predicate() every 20 ms until it returns something true (then that) or `timeout` seconds pass (False)."""
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
-        if predicate():
-            return True
+        value = predicate()
+        if value:
+            return value
         time.sleep(0.02)
     return False
+
+
+def fd_paths(pid):
+    """What process `pid`'s open descriptors name (list of str); one closed while they are read is left out."""
+    found = []
+    for fd in os.listdir(f"/proc/{pid}/fd"):
+        try:
+            found.append(os.readlink(f"/proc/{pid}/fd/{fd}"))
+        except FileNotFoundError:
+            pass
+    return found
 
 
 def pids_in(path):

@@ -15,21 +15,11 @@ from pathlib import Path
 
 import pytest
 
-from support import (CIRCUIT, Server, alive, bb_processes, descendants, expected, fixture_bytes, pids_in, request,
-                     request_json)
+from support import (CIRCUIT, Server, alive, bb_processes, descendants, expected, fd_paths, fixture_bytes, pids_in,
+                     request, request_json, wait_for)
 
 WITNESS = fixture_bytes("valid_1.gz")
 G1 = "bn254_g1.dat"
-
-
-def wait_for(predicate, timeout=15.0, step=0.05):
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        value = predicate()
-        if value:
-            return value
-        time.sleep(step)
-    return predicate()
 
 
 def health(srv, path="/api/health"):
@@ -160,7 +150,8 @@ def test_per_circuit_readiness(start_server, tmp_path):
     shutil.copyfile(CIRCUIT, circuits / "good.json")
     (circuits / "bad.json").write_text('{"bytecode": "H4sIAAAA"}')
     srv = start_server(CIRCUITS_DIR=circuits)
-    status, body = wait_for(lambda: (lambda a: a if a[1]["circuits"]["good"]["ready"] else None)(health(srv)))
+    status, body = wait_for(lambda: (lambda a: a if a[1]["circuits"]["good"]["ready"] else None)(health(srv)),
+                            timeout=15)
     assert status == 503
     assert body["circuits"]["good"] == {"ready": True, "reasons": []}
     assert body["circuits"]["bad"]["ready"] is False and "Invalid gzip data" in body["circuits"]["bad"]["reasons"][0]
@@ -188,7 +179,8 @@ def test_bb_failures_are_told_apart(start_server, fake_bb, tmp_path, mode, code,
         assert headers["retry-after"] == "30"
         assert health(srv)[0] == 503  # a failure that points at the CRS takes the instance out at once
     rid = headers["x-request-id"]
-    line = wait_for(lambda: [x for x in srv.output().splitlines() if rid in x and "bb_worker.access" in x])
+    line = wait_for(lambda: [x for x in srv.output().splitlines() if rid in x and "bb_worker.access" in x],
+                    timeout=15)
     fault = "client" if code == 422 else "server"
     assert re.search(rf" {code} .* outcome={outcome} fault={fault} client=", line[0]), line
     metrics = request(srv.port, "GET", "/api/metrics")[2].decode()
@@ -385,10 +377,9 @@ def test_kill_9_of_a_worker_mid_proof_leaves_no_bb_and_no_files(start_server, fa
     worker = int(os.path.basename(worker_dir)[1:])
     t = threading.Thread(target=lambda: _try(lambda: request(srv.port, "POST", "/api/prove", WITNESS, timeout=30)))
     t.start()
-    bb = wait_for(lambda: bb_processes(fake_bb))
+    bb = wait_for(lambda: bb_processes(fake_bb), timeout=15)
     assert len(bb) == 1 and os.listdir(worker_dir)  # bb runs; the witness is on disk
-    slot_fds = [os.readlink(f"/proc/{bb[0]}/fd/{fd}") for fd in os.listdir(f"/proc/{bb[0]}/fd")]
-    assert any(path.endswith("slot-0.lock") for path in slot_fds), slot_fds  # bb holds the slot too
+    assert any(path.endswith("slot-0.lock") for path in fd_paths(bb[0])), fd_paths(bb[0])  # bb holds the slot too
     started = pids_in(pidfile)
     os.kill(worker, signal.SIGKILL)
     t.join()
@@ -399,7 +390,7 @@ def test_kill_9_of_a_worker_mid_proof_leaves_no_bb_and_no_files(start_server, fa
     assert not [n for n in os.listdir(slots) if n.startswith(f"waiting-{worker}-")]  # the master forgot it
     # gunicorn starts a new worker; the slot is free again and no more than one bb ever runs
     srv.wait_ready()
-    new_dirs = wait_for(lambda: srv.worker_dirs())
+    new_dirs = wait_for(lambda: srv.worker_dirs(), timeout=15)
     assert new_dirs and new_dirs != [worker_dir]
     assert not alive(worker) or worker not in descendants(srv.proc.pid)
 
@@ -410,7 +401,7 @@ def test_removing_the_slot_directory_mid_proof_never_lets_a_second_bb_start(star
     results = []
     first = threading.Thread(target=lambda: results.append(request(srv.port, "POST", "/api/prove", WITNESS)[0]))
     first.start()
-    assert wait_for(lambda: log.exists() and "start" in log.read_text())
+    assert wait_for(lambda: log.exists() and "start" in log.read_text(), timeout=15)
     shutil.rmtree(os.path.join(srv.tmpdir, "bb-worker-slots"))
     assert request(srv.port, "POST", "/api/prove", WITNESS)[0] == 200  # waits for the first one's slot
     first.join()
@@ -450,7 +441,7 @@ def test_sigint_is_a_quick_stop_that_leaves_nothing(start_server, fake_bb, tmp_p
     t = threading.Thread(target=lambda: result.append(_try(lambda: request(srv.port, "POST", "/api/prove",
                                                                             WITNESS, timeout=30))))
     t.start()
-    assert wait_for(lambda: bb_processes(fake_bb))
+    assert wait_for(lambda: bb_processes(fake_bb), timeout=15)
     os.kill(srv.proc.pid, signal.SIGINT)
     srv.proc.wait(timeout=15)  # quick: no waiting for the proof in flight
     t.join()
