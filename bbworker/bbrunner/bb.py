@@ -59,43 +59,52 @@ class BB:
 
         Runs `bb --version` and reads the ELF header only the first time and again
         when the file changes (files.stamp), or VERSION_RETRY_SECONDS after a
-        failure; otherwise one stat() and one access() call. Callers that ask while
-        `bb --version` runs wait for that run's answer (one run at a time). wait: at most
-        this many seconds for it (None: as long as it takes); past them the Status says
-        "starting: bb --version is running" (health checks answer while a slow bb starts).
+        failure; otherwise one stat() and one access() call, and no wait. Callers that ask
+        while `bb --version` runs wait for that run's answer (one run at a time). wait: at
+        most this many seconds for such a run (None: as long as it takes); past them the
+        Status says "starting: bb --version is running" (health checks answer while a slow
+        bb starts).
         """
-        if wait is not None:
-            reader = gevent.spawn(self.status)
-            reader.join(wait)
-            if reader.ready():
-                return reader.get()
-            return Status(False, None, "starting: bb --version is running")
+        signature, known = self._known()
+        if known is not None:
+            return known
+        if wait is None:
+            return self._read(signature)
+        reader = gevent.spawn(self._read, signature)
+        reader.join(wait)
+        return reader.get() if reader.ready() else Status(False, None, "starting: bb --version is running")
+
+    def _known(self):
+        """(files.stamp of the binary or None, its Status, or None when `bb --version` must run)."""
         try:
             signature = files.stamp(self.binary)
         except OSError as exc:
             self._seen = None
-            return Status(False, None, f"{self.binary}: {exc.strerror}")
+            return None, Status(False, None, f"{self.binary}: {exc.strerror}")
         if not os.access(self.binary, os.X_OK):
-            return Status(False, None, f"{self.binary}: not executable")
-        failed = Status(False, None, f"{self.binary}: does not run (bb --version failed)")
+            return signature, Status(False, None, f"{self.binary}: not executable")
         if self._failed is not None and self._failed[0] == signature and time.monotonic() < self._failed[1]:
-            return failed  # a failure is retried after a while, not on every call
-        if self._seen is None or self._seen[0] != signature:
-            with self._reading:
-                if self._seen is not None and self._seen[0] == signature:
-                    return self._seen[1]  # read meanwhile by the caller we waited for
-                if self._failed is not None and self._failed[0] == signature and time.monotonic() < self._failed[1]:
-                    return failed
-                try:
-                    elf = describe_elf(self.binary)
-                except OSError as exc:
-                    elf = f"{self.binary}: {exc.strerror}"
-                version = self._read_version()
-                if version is None:  # not for good: a passing failure (fork, load) must not stick
-                    self._failed = (signature, time.monotonic() + VERSION_RETRY_SECONDS)
-                    return failed
-                self._seen, self._failed = (signature, Status(True, version, elf)), None
-        return self._seen[1]
+            return signature, Status(False, None, f"{self.binary}: does not run (bb --version failed)")
+        if self._seen is not None and self._seen[0] == signature:
+            return signature, self._seen[1]
+        return signature, None
+
+    def _read(self, signature):
+        """Run `bb --version` and read the ELF header for the binary of `signature`; its Status."""
+        with self._reading:
+            _, known = self._known()  # read meanwhile by the caller we waited for, or failed
+            if known is not None:
+                return known
+            try:
+                elf = describe_elf(self.binary)
+            except OSError as exc:
+                elf = f"{self.binary}: {exc.strerror}"
+            version = self._read_version()
+            if version is None:  # not for good: a passing failure (fork, load) must not stick
+                self._failed = (signature, time.monotonic() + VERSION_RETRY_SECONDS)
+                return Status(False, None, f"{self.binary}: does not run (bb --version failed)")
+            self._seen, self._failed = (signature, Status(True, version, elf)), None
+            return self._seen[1]
 
     def version(self):
         """Return bb's version string (e.g. "5.0.0-nightly.20260710"); raises ProverUnavailable."""

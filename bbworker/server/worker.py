@@ -13,13 +13,12 @@ for every new connection, and gunicorn's own refusals answered by the app.
   accepted at once; the drops are logged at warning level, summed (Summed).
 - Refusals: a request gunicorn's parser refuses (431, 414, 501, 400, ...) is answered by the app
   as any other error (JSON, CORS, an access line, counted): the worker calls it with a small
-  environ whose REFUSED key holds a bbworker.errors.Error.
+  environ whose REFUSED key (server.refusals) holds a bbworker.errors.Error.
 - stopping() tells readiness that SIGTERM arrived: gunicorn's worker closes its listener only at
   its next one-second tick and serves what it accepts until then.
 """
 import collections
 import errno
-import io
 import select
 import ssl
 import time
@@ -28,16 +27,12 @@ import gevent
 from gevent import monkey
 from gevent.socket import wait_read
 from gunicorn import SERVER, util
-from gunicorn.http import errors as http_errors
-from gunicorn.http.message import Request
-from gunicorn.http.wsgi import base_environ
 from gunicorn.workers import ggevent
 
-from bbworker.errors import Error, ProtocolError
 from bbworker.server import connection, rundir
+from bbworker.server.refusals import parsed_part, refusal, refused_environ
 
-REFUSED = "bb_worker.refused"  # environ key: the Error a request gunicorn refused ends with
-MESSAGE_CHARS = 256  # of gunicorn's message, which may quote the client's bytes
+ROOM_RECHECK_SECONDS = 0.5  # a full worker with no connection to drop looks again this often
 
 
 class HeadDeadline:
@@ -235,6 +230,7 @@ class GeventWorker(ggevent.GeventWorker):
         places = f"all {self.worker_connections} connections (worker_connections)"
         self._drops = Summed(self.log, f"{places} taken: dropped %d more waiting on their clients in the last %g s")
         self._full = Summed(self.log, f"{places} were in requests %d more times in the last %g s")
+        self._recheck = None  # the greenlet that looks again for a connection to drop while the worker is full
 
     def handle(self, listener, client, addr):
         me = gevent.getcurrent()
@@ -271,11 +267,22 @@ class GeventWorker(ggevent.GeventWorker):
             return
         self._full.event("all %d connections (worker_connections) are in requests: none is accepted until one ends",
                          self.worker_connections)
+        if self._recheck is None:  # gevent accepts again only when one ends: look again while none does
+            self._recheck = gevent.spawn_later(ROOM_RECHECK_SECONDS, self._look_again)
+
+    def _look_again(self):
+        self._recheck = None
+        if len(self._clients) >= self.worker_connections:
+            self._make_room()
 
     def handle_request(self, listener_name, req, sock, addr):
         client = self._clients.get(gevent.getcurrent())
         if client is not None:
             client.unreader = req.unreader  # the connection's one buffer: pipelined bytes wait there
+            if client.requests > 1:
+                # Requests pipelined in that buffer are served without any socket wait, so without a
+                # turn for other connections or the accept: one request each, round the ready ones.
+                gevent.sleep(0)
         return super().handle_request(listener_name, req, sock, addr)
 
     def head_began(self):
@@ -361,87 +368,3 @@ class GeventWorker(ggevent.GeventWorker):
         client.deadline = HeadDeadline(client.sock, idle, self.header_timeout, begun=first or client.buffered(),
                                        waiting=self._waiting)
         return client.deadline
-
-
-# ---------------------------------------------------------------- gunicorn's refusals, for the app
-
-# gunicorn's statuses for what its parser refuses (Worker.handle_error); any other of these is 400.
-_CLIENT_ERRORS = (
-    http_errors.InvalidRequestLine, http_errors.InvalidRequestMethod, http_errors.InvalidHTTPVersion,
-    http_errors.InvalidHeader, http_errors.InvalidHeaderName, http_errors.LimitRequestLine,
-    http_errors.LimitRequestHeaders, http_errors.InvalidProxyLine, http_errors.InvalidProxyHeader,
-    http_errors.ForbiddenProxyRequest, http_errors.InvalidSchemeHeaders, http_errors.UnsupportedTransferCoding,
-    http_errors.ObsoleteFolding, http_errors.ExpectationFailed, http_errors.InvalidH2CPreface, ssl.SSLError,
-    http_errors.InvalidChunkSize, http_errors.ChunkMissingTerminator, http_errors.InvalidChunkExtension,
-)
-_STATUS = (
-    (http_errors.LimitRequestLine, 414), (http_errors.LimitRequestHeaders, 431),
-    (http_errors.UnsupportedTransferCoding, 501), (http_errors.ExpectationFailed, 417),
-    (http_errors.ForbiddenProxyRequest, 403), (ssl.SSLError, 403),
-)
-_SERVERS = (http_errors.InvalidResponseHeader, http_errors.InvalidResponseHeaderName)  # the app's headers
-
-
-def refusal(exc):
-    """The bbworker.errors.Error a request ends with when gunicorn raised `exc` for it: a
-    ProtocolError (gunicorn's status for it) for a client's mistake, else a 500 Error."""
-    if isinstance(exc, _CLIENT_ERRORS) and not isinstance(exc, _SERVERS):
-        status = next((code for cls, code in _STATUS if isinstance(exc, cls)), 400)
-        if isinstance(exc, http_errors.ForbiddenProxyRequest):
-            return ProtocolError("request forbidden", status)  # gunicorn does not name the proxy either
-        return ProtocolError(str(exc)[:MESSAGE_CHARS], status)
-    return Error("unexpected server error")
-
-
-def parsed_part(exc):
-    """The gunicorn Request that raising `exc` interrupted, as far as it was parsed (its method and
-    path once the request line was read, its headers once they all were), or None.
-
-    gunicorn hands handle_error no request when parsing failed; the one being built is `self` of
-    the frames its parser raised from (or `exc.req`, which some of its errors carry).
-    """
-    req = getattr(exc, "req", None)
-    if isinstance(req, Request):
-        return req
-    tb = exc.__traceback__
-    while tb is not None:
-        candidate = tb.tb_frame.f_locals.get("self")
-        if isinstance(candidate, Request):
-            return candidate
-        tb = tb.tb_next
-    return None
-
-
-def refused_environ(cfg, req, sock, addr, error, began):
-    """A WSGI environ for a request gunicorn refused: what it parsed of `req` (a gunicorn Request or
-    None), the client `sock` and `addr`, REFUSED: `error`, and connection.BEGAN: `began` (monotonic s).
-
-    An unknown method or path is "-" (never routed, shown so in the access log); the body is empty.
-    """
-    environ = base_environ(cfg)
-    method = getattr(req, "method", None)
-    path = getattr(req, "path", None)
-    version = getattr(req, "version", None) or (1, 1)
-    environ.update({
-        "wsgi.input": io.BytesIO(b""), "wsgi.url_scheme": getattr(req, "scheme", None) or "http",
-        "gunicorn.socket": sock, "REQUEST_METHOD": method or "-",
-        "PATH_INFO": util.unquote_to_wsgi_str(path) if path is not None else "-",
-        "QUERY_STRING": getattr(req, "query", None) or "", "RAW_URI": getattr(req, "uri", None) or "",
-        "SCRIPT_NAME": "", "SERVER_PROTOCOL": "HTTP/%d.%d" % tuple(version[:2]),
-        REFUSED: error, connection.BEGAN: began,
-    })
-    try:
-        environ["SERVER_NAME"], environ["SERVER_PORT"] = (str(part) for part in sock.getsockname()[:2])
-    except (OSError, TypeError, ValueError):  # gone, or a unix socket
-        environ["SERVER_NAME"], environ["SERVER_PORT"] = "", ""
-    if isinstance(addr, tuple) and len(addr) >= 2:
-        environ["REMOTE_ADDR"], environ["REMOTE_PORT"] = str(addr[0]), str(addr[1])
-    else:
-        environ["REMOTE_ADDR"] = str(addr or "")
-    for name, value in getattr(req, "headers", None) or ():
-        if name == "CONTENT-TYPE":
-            environ["CONTENT_TYPE"] = value
-        elif name != "CONTENT-LENGTH":  # the body is not read: the app sees none
-            key = "HTTP_" + name.replace("-", "_")
-            environ[key] = f"{environ[key]},{value}" if key in environ else value
-    return environ

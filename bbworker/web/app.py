@@ -9,7 +9,7 @@ Drop-in for the Rust/Axum proving worker: same endpoints, same JSON (docs/api.md
 
 Handlers return a service.Reply or raise a bbworker.errors.Error, which App renders as
 {"error": title, "message": detail} with the class's status and headers. A request gunicorn
-refused (server.worker.REFUSED in the environ) is rendered, logged and counted the same way.
+refused (server.refusals.REFUSED in the environ) is rendered, logged and counted the same way.
 create_app(settings) builds it all from a bbworker.settings.Settings; building it starts and
 writes nothing.
 """
@@ -31,7 +31,8 @@ from bbworker.web.prove import Limits, ProveHandler
 from bbworker.web.selfcheck import SelfCheck
 from bbworker.web.service import ProverService, Reply, json_reply
 from bbworker.web.verify import VerifyHandler
-from bbworker.server.worker import REFUSED, stopping
+from bbworker.server.refusals import REFUSED
+from bbworker.server.worker import stopping
 
 log = logging.getLogger("bb_worker")
 access_log = logging.getLogger("bb_worker.access")
@@ -120,7 +121,7 @@ class App:
             return self.render(Error("unexpected server error"))
 
     def refused(self, environ, method, path):
-        """The Error of a request gunicorn refused (environ[REFUSED], server.worker): its outcome and
+        """The Error of a request gunicorn refused (environ[REFUSED], server.refusals): its outcome and
         fault go to the access line, and when (method, path) routes to a prove or verify handler it
         is counted once in that handler's counter, as the handler would."""
         error = environ[REFUSED]

@@ -252,3 +252,19 @@ def test_callers_asking_while_bb_version_runs_share_its_answer(tmp_path):
     gevent.joinall(callers)
     assert [c.value.version for c in callers] == ["5.0.0-slow"] * 5
     assert runs.read_text().split() == ["run"]
+
+
+def test_a_status_already_known_never_waits_on_the_event_loop(tmp_path, monkeypatch):
+    """A health check gives status() STATUS_WAIT_SECONDS; a flood that kept the event loop busy that
+    long made it answer "starting: bb --version is running" for a bb known for minutes (QA round 3):
+    a known status is returned in the caller, with no greenlet to wait for."""
+    counter = tmp_path / "count"
+    binary = fake_version_bb(tmp_path / "bb", counter)
+    prover = BB(binary)
+    assert prover.status()[:2] == (True, "5.0.0-fake")
+
+    def no_greenlet(*args, **kwargs):
+        raise AssertionError("status() waited on a greenlet for what it knew")
+    monkeypatch.setattr(bbmodule.gevent, "spawn", no_greenlet)
+    assert prover.status(wait=0.1)[:2] == (True, "5.0.0-fake")
+    assert calls(counter) == 1

@@ -92,6 +92,25 @@ def test_clients_that_read_no_reply_never_starve_health_or_liveness(start_server
     assert "Traceback" not in srv.output()
 
 
+def test_a_crowd_pipelining_cheap_requests_takes_turns_with_health_and_liveness(start_server, capsys):
+    """900 connections each pipelining 200 requests for a 404 page, reading none of the replies
+    (they fit in the socket buffers, so none of them ever waits to write): gunicorn serves a
+    connection's buffered requests one after the other without a socket wait, so each took a
+    whole turn of the event loop and a probe waited 15-25 s to be accepted (QA round 3). The worker
+    now yields between a connection's requests."""
+    srv = start_server()
+    paths = ["/api/health", "/api/live"]
+    crowd = unread_connections(srv.port, 900, "/nope", 200)
+    try:
+        probes = probe_series(srv.port, paths, 20, interval=0.25, timeout=PROBE_TIMEOUT)
+    finally:
+        for sock in crowd:
+            sock.close()
+    with capsys.disabled():
+        print(f"\n900 connections pipelining 200 requests each: {probe_figures(probes)}")
+    assert [p.status for p in probes] == [200] * len(probes), probe_figures(probes)
+
+
 def _closed_by_server(sock):
     """True when the server has closed the non-blocking `sock` (EOF or reset waiting on it)."""
     try:
