@@ -253,7 +253,12 @@ def test_drops_are_logged_once_then_summed(connections, serving_worker):
     assert len(made.log.messages("warning")) == 2
 
 
-def test_a_full_worker_with_every_connection_in_a_request_says_so(connections, serving_worker):
+def test_a_full_worker_with_every_connection_in_a_request_says_so_and_looks_again(connections, serving_worker,
+                                                                                  monkeypatch):
+    """gevent accepts again only when a connection ends: a worker that found every connection in a
+    request when it filled up must look again, or a connection idle later holds its place for its
+    whole keep-alive (and one that stops reading its replies, for good)."""
+    monkeypatch.setattr(worker, "ROOM_RECHECK_SECONDS", 0.1)
     release = gevent.event.Event()
 
     def slow(environ, start_response):
@@ -267,7 +272,8 @@ def test_a_full_worker_with_every_connection_in_a_request_says_so(connections, s
         gevent.sleep(0.05)
     assert made.log.messages("warning") == [
         "all 2 connections (worker_connections) are in requests: none is accepted until one ends"]
-    release.set()
+    release.set()  # both answered: each now waits for its next request, idle
+    assert any(closed(client, within=1) for _, client in pairs), "the full worker never looked again"
 
 
 def test_a_full_worker_drops_a_connection_whose_client_reads_no_more_of_its_reply(connections, serving_worker):
@@ -295,28 +301,6 @@ def test_a_full_worker_drops_a_connection_whose_client_reads_no_more_of_its_repl
     assert newer_client.recv(65536).startswith(b"HTTP/1.1 200 OK")
     [warning] = made.log.messages("warning")
     assert "dropped the oldest whose client reads no more of its reply" in warning, warning
-
-
-def test_a_full_worker_looks_again_for_a_connection_to_drop_while_none_ends(connections, serving_worker,
-                                                                             monkeypatch):
-    """gevent accepts again only when a connection ends: a worker that found every connection in a
-    request when it filled up must look again, or a connection idle later holds its place for its
-    whole keep-alive (and one that stops reading its replies, for good)."""
-    monkeypatch.setattr(worker, "ROOM_RECHECK_SECONDS", 0.1)
-    release = gevent.event.Event()
-
-    def slow(environ, start_response):
-        release.wait()
-        return hello(environ, start_response)
-    made = serving_worker(slow, connections=2)
-    pairs = [connections() for _ in range(2)]
-    for server_side, client in pairs:
-        client.sendall(GET)
-        serve(made, server_side)
-        gevent.sleep(0.05)
-    assert made.log.messages("warning")[0].endswith("are in requests: none is accepted until one ends")
-    release.set()  # both answered: each now waits for its next request, idle
-    assert any(closed(client, within=1) for _, client in pairs), "the full worker never looked again"
 
 
 def test_a_pipelined_head_left_in_gunicorn_s_buffer_has_head_seconds_not_keepalive(connections, serving_worker):
